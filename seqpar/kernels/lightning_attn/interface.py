@@ -1,0 +1,182 @@
+"""Public functional API of the Lightning Attention-2 operator: validation and backend dispatch."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .torch_chunk import torch_chunk_lightning_attn
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+# Non-negativity of CUDA slopes is checked once per (tensor, version): the check needs a
+# host sync, which must not sit in every forward of a training step.
+_checked_slopes: dict = {}
+_check_finite = os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0", "false", "False")
+
+
+def set_check_finite(enabled: bool) -> None:
+    """Turn the NaN/inf check of q, k, v, initial_state on or off (default: env SEQPAR_CHECK_FINITE).
+
+    The check costs one pass over the inputs and a host sync; use it to find where bad values come from.
+    """
+    global _check_finite
+    _check_finite = bool(enabled)
+
+
+def triton_interpret_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_tensor(name: str, x, ndim: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def _check_slopes_nonnegative(slopes: torch.Tensor) -> None:
+    if slopes.is_cuda and not torch.cuda.is_current_stream_capturing():
+        key = (slopes.data_ptr(), slopes._version, slopes.numel())
+        if key in _checked_slopes:
+            return
+    elif slopes.is_cuda:
+        return  # under CUDA graph capture no host sync is allowed
+    else:
+        key = None
+    with torch.no_grad():
+        bad = bool((slopes < 0).any()) or not bool(torch.isfinite(slopes).all())
+    if bad:
+        raise ValueError(
+            f"slopes must be finite and non-negative (decay lambda = exp(-slope) in (0, 1]); got min "
+            f"{slopes.min().item():.4g}"
+        )
+    if key is not None:
+        if len(_checked_slopes) > 1024:
+            _checked_slopes.clear()
+        _checked_slopes[key] = True
+
+
+def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) -> Tuple[int, str]:
+    """Check every argument of :func:`lightning_attn`; return (number of states N, resolved backend)."""
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    B, T, H, D = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q [B, T, H, D] = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must be [B, T, H, E] with B, T, H = {tuple(q.shape[:3])} as in q, got {tuple(v.shape)}"
+        )
+    E = v.shape[3]
+    if D == 0 or E == 0 or H == 0:
+        raise ValueError(f"head dims and head count must be positive, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"slopes must be a torch.Tensor of shape [H] = [{H}], got {type(slopes).__name__}")
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must have shape [H] = [{H}], got {tuple(slopes.shape)}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"slopes must be a floating-point tensor, got {slopes.dtype}")
+    if slopes.device != q.device:
+        raise ValueError(f"slopes must be on q's device {q.device}, got {slopes.device}")
+    _check_slopes_nonnegative(slopes)
+
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None (None means D**-0.5), got {type(scale).__name__}")
+
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"cu_seqlens must be an int32/int64 torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] of document offsets, got "
+                f"dtype {cu_seqlens.dtype}, shape {tuple(cu_seqlens.shape)}"
+            )
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
+        offs = cu_seqlens.tolist()
+        if offs[0] != 0 or offs[-1] != T or any(b < a for a, b in zip(offs, offs[1:])):
+            raise ValueError(f"cu_seqlens must start at 0, end at T = {T} and be non-decreasing, got {offs[:8]}...")
+        N = len(offs) - 1
+    else:
+        N = B
+
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, 4)
+        if tuple(initial_state.shape) != (N, H, D, E):
+            what = "number of documents" if cu_seqlens is not None else "B"
+            raise ValueError(
+                f"initial_state must have shape [N, H, D, E] = {(N, H, D, E)} (N = {what}), "
+                f"got {tuple(initial_state.shape)}"
+            )
+        if not initial_state.is_floating_point():
+            raise TypeError(f"initial_state must be floating point (fp32 recommended), got {initial_state.dtype}")
+        if initial_state.device != q.device:
+            raise ValueError(f"initial_state must be on q's device {q.device}, got {initial_state.device}")
+
+    if _check_finite:
+        for name, x in (("q", q), ("k", k), ("v", v), ("initial_state", initial_state)):
+            if x is not None and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{name} contains NaN or inf")
+
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}")
+        if D > MAX_HEAD_DIM or E > MAX_HEAD_DIM:
+            raise ValueError(f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got D={D}, E={E}")
+        if not q.is_cuda and not triton_interpret_enabled():
+            raise ValueError(
+                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before triton is imported, or use backend='torch'"
+            )
+    return N, backend
+
+
+def lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Lightning Attention-2: causal linear attention with per-head exponential decay.
+
+    Args:
+        q, k: [B, T, H, D]; v: [B, T, H, E] (fp16, bf16, fp32; fp64 on the torch backend).
+        slopes: [H], non-negative; decay per step lambda_h = exp(-slopes[h]).
+        scale: multiplies q k^T; None means D ** -0.5.
+        initial_state: [N, H, D, E] state before the first token (N = B, or documents).
+        output_final_state: also return the state after the last token.
+        cu_seqlens: int [N+1] offsets of packed documents (B == 1); the state resets at each.
+        backend: "triton", "torch" or None (triton for CUDA tensors, torch otherwise).
+    Returns:
+        o [B, T, H, E] in the input dtype, and ht [N, H, D, E] (fp32) or None.
+    """
+    _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "torch":
+        return torch_chunk_lightning_attn(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
+    from .chunk import chunk_lightning_attn  # imports triton lazily
+
+    return chunk_lightning_attn(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)

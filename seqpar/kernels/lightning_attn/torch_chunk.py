@@ -1,0 +1,114 @@
+"""Chunked Lightning Attention-2 in pure torch: the CPU path (differentiable by autograd).
+
+The sequence is cut into chunks of ``chunk_size`` tokens. Inside a chunk the output is the
+masked, decayed attention form; across chunks it flows through the running state
+``S_{c+1} = lambda^C S_c + sum_j lambda^(C-1-j) k_j^T v_j``. Cost O(T C D + T D E); the only
+sequential part is the scan over T/C chunk states. Gradients (q, k, v, initial_state, slopes)
+come from autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(q, k, v, s, scale, h0, C):
+    """Process n full chunks of length C.
+
+    q, k: [B, H, n, C, D]; v: [B, H, n, C, E]; s: [H] slopes; h0: [B, H, D, E] or None.
+    Returns o [B, H, n, C, E] and the final state [B, H, D, E].
+    """
+    B, H, n, _, D = q.shape
+    E = v.shape[-1]
+    pos = torch.arange(C, device=q.device, dtype=q.dtype)
+    diff = pos[:, None] - pos[None, :]
+    causal = diff >= 0
+    sH = s[:, None, None]
+    # lambda^(i-j) on and below the diagonal, exactly 0 above (exponent masked before exp).
+    decay = torch.exp(-sH * torch.where(causal, diff, torch.zeros_like(diff)))
+    decay = decay * causal.to(q.dtype)  # [H, C, C]
+    wq = torch.exp(-sH * (pos[None, :, None] + 1))  # [H, C, 1]: lambda^(i+1)
+    wk = torch.exp(-sH * (C - 1 - pos[None, :, None]))  # [H, C, 1]: lambda^(C-1-j)
+    a = torch.exp(-s * C)[None, :, None, None]  # [1, H, 1, 1]: lambda^C
+
+    scores = torch.matmul(q, k.transpose(-1, -2)) * decay[None, :, None]
+    o = torch.matmul(scores, v)  # intra-chunk
+    kv = torch.matmul((k * wk[None, :, None]).transpose(-1, -2), v)  # [B, H, n, D, E]
+
+    S = h0 if h0 is not None else torch.zeros(B, H, D, E, dtype=q.dtype, device=q.device)
+    states = []
+    for c in range(n):
+        states.append(S)
+        S = a * S + kv[:, :, c]
+    S_in = torch.stack(states, 2)  # [B, H, n, D, E]: state entering each chunk
+    o = o + torch.matmul(q * wq[None, :, None], S_in)  # inter-chunk
+    return o * scale, S
+
+
+def _dense(q, k, v, s, scale, h0, chunk_size):
+    """q, k [B, T, H, D] (acc dtype) -> o [B, T, H, E], ht [B, H, D, E]."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))  # [B, H, T, *]
+    n_full, tail = divmod(T, chunk_size)
+    outs = []
+    S = h0
+    if n_full:
+        Tf = n_full * chunk_size
+        qf = q[:, :, :Tf].reshape(B, H, n_full, chunk_size, D)
+        kf = k[:, :, :Tf].reshape(B, H, n_full, chunk_size, D)
+        vf = v[:, :, :Tf].reshape(B, H, n_full, chunk_size, E)
+        of, S = _chunks(qf, kf, vf, s, scale, S, chunk_size)
+        outs.append(of.reshape(B, H, Tf, E))
+    if tail:
+        qt, kt, vt = (x[:, :, T - tail:].unsqueeze(2) for x in (q, k, v))
+        ot, S = _chunks(qt, kt, vt, s, scale, S, tail)
+        outs.append(ot.reshape(B, H, tail, E))
+    if S is None:  # T == 0
+        S = torch.zeros(B, H, D, E, dtype=q.dtype, device=q.device)
+    o = torch.cat(outs, 2) if outs else q.new_zeros(B, H, 0, E)
+    return o.permute(0, 2, 1, 3), S
+
+
+def torch_chunk_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Chunked torch forward (autograd gives the backward). Inputs are assumed validated.
+
+    q, k: [B, T, H, D]; v: [B, T, H, E]; slopes: [H]; initial_state: [N, H, D, E].
+    Returns o [B, T, H, E] in q's dtype and ht [N, H, D, E] (fp32, fp64 for fp64 inputs) or None.
+    """
+    in_dtype = q.dtype
+    acc = _acc_dtype(in_dtype)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    s = slopes.to(acc)
+    h0 = initial_state.to(acc) if initial_state is not None else None
+    if cu_seqlens is None:
+        o, ht = _dense(qa, ka, va, s, scale, h0, chunk_size)
+    else:
+        bounds = cu_seqlens.tolist()
+        outs, states = [], []
+        for n in range(len(bounds) - 1):
+            a, b = bounds[n], bounds[n + 1]
+            h0n = h0[n : n + 1] if h0 is not None else None
+            on, hn = _dense(qa[:, a:b], ka[:, a:b], va[:, a:b], s, scale, h0n, chunk_size)
+            outs.append(on)
+            states.append(hn)
+        o = torch.cat(outs, 1)
+        ht = torch.cat(states, 0)
+    return o.to(in_dtype), (ht if output_final_state else None)
