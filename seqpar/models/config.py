@@ -1,0 +1,153 @@
+"""Configuration of the TransNormerLLM-style language model (a plain dataclass, OmegaConf friendly)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+_DECAYS = ("tnl", "alibi", "none")
+_GATE_ACTS = ("sigmoid", "silu", "none")
+_QK_ACTS = ("silu", "relu", "elu1", "none")
+_SP_MODES = ("allgather", "ring")
+
+# Architectures of the TransNormerLLM paper (Qin et al. 2023, arXiv 2307.14995, Table of model sizes):
+# 385M: 24 layers d 1024, 1B: 16 layers d 2048, 3B: 32 layers d 2560, 15B: 42 layers d 5120 (40 heads),
+# head dim 128 everywhere, vocabulary 64000, untied input/output embeddings. The paper does not list the
+# SGLU width of every size; glu_dim below is chosen so that the total parameter count (embedding and
+# lm head included) lands on the nominal size: 0.41B, 1.00B, 3.08B, 15.07B (see tests/models).
+_PRESETS: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, glu_dim=128, max_seq_len=256),
+    "tnl-0.4b": dict(vocab_size=64000, d_model=1024, n_layers=24, n_heads=8, glu_dim=2048),
+    "tnl-1b": dict(vocab_size=64000, d_model=2048, n_layers=16, n_heads=16, glu_dim=4096),
+    "tnl-3b": dict(vocab_size=64000, d_model=2560, n_layers=32, n_heads=20, glu_dim=6912),
+    "tnl-15b": dict(vocab_size=64000, d_model=5120, n_layers=42, n_heads=40, glu_dim=13824),
+}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class TNLConfig:
+    """Hyper-parameters of :class:`seqpar.models.TransNormerLLM`.
+
+    Attributes:
+        vocab_size: number of token ids (ids must lie in ``[0, vocab_size)``).
+        d_model: width of the residual stream.
+        n_layers: number of TNL blocks.
+        n_heads: attention heads.
+        head_dim: per-head dim D (= E); ``None`` derives ``d_model // n_heads`` (then d_model must be
+            divisible by n_heads). The attention inner width is ``n_heads * head_dim``.
+        glu_dim: hidden width of the SGLU channel mixer; ``None`` means 8/3 d_model rounded up to a
+            multiple of 64.
+        norm_eps: epsilon of SimpleRMSNorm.
+        decay: "tnl" (ALiBi-style per-head slopes scaled per layer by ``1 - l/(L-1) + 1e-5``, as
+            TransNormerLLM), "alibi" (the same per-head slopes in every layer) or "none" (no decay).
+        learnable_slopes: make the slopes parameters (stored as log-slopes so they stay positive);
+            otherwise they are a non-persistent fp32 buffer.
+        qk_act: activation of q and k ("silu" as TNL, "relu", "elu1" = 1 + elu, "none").
+        gate_act: activation of the output gate u ("sigmoid" by default: a bounded gate is benign in
+            bf16 and is what Lightning-Attention models at scale use; "silu" or "none" as in TNL variants).
+        attn_scale: scale of q k^T; ``None`` means head_dim ** -0.5 (the output is RMS-normalised, so
+            this mainly sets the size relative to the norm's eps).
+        dropout: residual dropout on the output of each token / channel mixer.
+        bias: biases in the linear layers.
+        tie_embeddings: share the input embedding with the lm head.
+        activation_checkpointing: recompute each block in the backward (torch.utils.checkpoint,
+            use_reentrant=False), active in training mode only.
+        init_std: std of the normal init of all weights.
+        scaled_init: divide the std of the residual output projections by sqrt(2 n_layers).
+        max_seq_len: nominal training context (informational: the model has no position embedding
+            and accepts any length).
+        sp_mode: how sequence-parallel attention exchanges states: "allgather" or "ring".
+        attn_backend: backend of the operator (None: triton on CUDA, torch on CPU).
+    """
+
+    vocab_size: int = 64000
+    d_model: int = 1024
+    n_layers: int = 24
+    n_heads: int = 8
+    head_dim: Optional[int] = None
+    glu_dim: Optional[int] = None
+    norm_eps: float = 1e-6
+    decay: str = "tnl"
+    learnable_slopes: bool = False
+    qk_act: str = "silu"
+    gate_act: str = "sigmoid"
+    attn_scale: Optional[float] = None
+    dropout: float = 0.0
+    bias: bool = False
+    tie_embeddings: bool = False
+    activation_checkpointing: bool = False
+    init_std: float = 0.02
+    scaled_init: bool = True
+    max_seq_len: int = 2048
+    sp_mode: str = "allgather"
+    attn_backend: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            v = getattr(self, name)
+            if not _is_int(v) or v <= 0:
+                raise ValueError(f"TNLConfig.{name} must be a positive int, got {v!r}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads != 0:
+                raise ValueError(
+                    f"TNLConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                    f"when head_dim is not given"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        elif not _is_int(self.head_dim) or self.head_dim <= 0:
+            raise ValueError(f"TNLConfig.head_dim must be a positive int or None, got {self.head_dim!r}")
+        if self.glu_dim is None:
+            self.glu_dim = -(-(8 * self.d_model) // (3 * 64)) * 64
+        elif not _is_int(self.glu_dim) or self.glu_dim <= 0:
+            raise ValueError(f"TNLConfig.glu_dim must be a positive int or None, got {self.glu_dim!r}")
+        if not isinstance(self.norm_eps, (int, float)) or isinstance(self.norm_eps, bool) or not self.norm_eps > 0:
+            raise ValueError(f"TNLConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TNLConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
+            raise ValueError(f"TNLConfig.init_std must be > 0, got {self.init_std!r}")
+        if self.attn_scale is not None and (
+            isinstance(self.attn_scale, bool) or not isinstance(self.attn_scale, (int, float)) or self.attn_scale <= 0
+        ):
+            raise ValueError(f"TNLConfig.attn_scale must be a positive float or None, got {self.attn_scale!r}")
+        for name, allowed in (("decay", _DECAYS), ("qk_act", _QK_ACTS), ("gate_act", _GATE_ACTS), ("sp_mode", _SP_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TNLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.attn_backend not in (None, "triton", "torch"):
+            raise ValueError(f"TNLConfig.attn_backend must be None, 'triton' or 'torch', got {self.attn_backend!r}")
+        if self.learnable_slopes and self.decay == "none":
+            raise ValueError("TNLConfig.learnable_slopes needs a decay ('tnl' or 'alibi'), got decay='none'")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TNLConfig":
+        """A named configuration ("tiny", "tnl-0.4b", "tnl-1b", "tnl-3b", "tnl-15b") with overrides."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown TNLConfig preset {name!r}; known: {sorted(_PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - fields)
+        if bad:
+            raise ValueError(f"unknown TNLConfig fields {bad}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    @staticmethod
+    def presets() -> tuple:
+        return tuple(_PRESETS)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TNLConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - fields)
+        if bad:
+            raise ValueError(f"unknown TNLConfig fields {bad}")
+        return cls(**dict(d))

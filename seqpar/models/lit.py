@@ -1,0 +1,195 @@
+"""LightningModule wrapping :class:`TransNormerLLM` for (sequence-parallel) pre-training."""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, Optional, Sequence, Union
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import TNLConfig
+from .transnormer import TransNormerLLM
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LitLM(pl.LightningModule):
+    """TransNormerLLM language model as a LightningModule.
+
+    Args:
+        config: a TNLConfig, a dict of its fields (e.g. from OmegaConf / a checkpoint), or a preset name.
+        lr: peak learning rate of AdamW.
+        weight_decay: applied to matrices of linear layers only (not norms, biases, embeddings, slopes).
+        betas, eps: AdamW.
+        warmup_steps: linear warmup steps.
+        max_steps: end of the cosine schedule; None takes ``trainer.max_steps`` (or the estimated
+            number of optimizer steps).
+        min_lr_ratio: final LR / peak LR of the cosine schedule.
+
+    Batch: dict with ``"input_ids"`` [B, T] and ``"labels"`` [B, T] (already shifted; -100 ignored),
+    optional ``"cu_seqlens"`` (B == 1). Under SP the strategy has already sliced T to the rank's shard.
+
+    Logged: ``train/loss`` (every step, the SP group's loss), ``train/lr``, ``train/tokens_per_s``
+    (tokens of the global batch per second, each SP group's sequence counted once),
+    ``train/tokens_per_gpu_per_s``, ``val/loss`` (epoch mean, synced over ranks).
+    """
+
+    def __init__(
+        self,
+        config: Union[TNLConfig, Dict[str, Any], str, None] = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: Sequence[float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup_steps: int = 100,
+        max_steps: Optional[int] = None,
+        min_lr_ratio: float = 0.1,
+    ):
+        super().__init__()
+        if config is None:
+            config = TNLConfig.preset("tiny")
+        elif isinstance(config, str):
+            config = TNLConfig.preset(config)
+        elif isinstance(config, dict) or (hasattr(config, "keys") and not isinstance(config, TNLConfig)):
+            config = TNLConfig.from_dict(dict(config))
+        if not isinstance(config, TNLConfig):
+            raise TypeError(f"config must be a TNLConfig, dict or preset name, got {type(config).__name__}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if max_steps is not None and max_steps <= 0:
+            raise ValueError(f"max_steps must be positive or None, got {max_steps}")
+        self.config = config
+        self.save_hyperparameters(
+            {"config": config.to_dict(), "lr": lr, "weight_decay": weight_decay, "betas": tuple(betas),
+             "eps": eps, "warmup_steps": warmup_steps, "max_steps": max_steps, "min_lr_ratio": min_lr_ratio}
+        )
+        self.model = TransNormerLLM(config)
+        self._last_step_time: Optional[float] = None
+
+    # -- SP wiring
+    def _attach_sp_group(self) -> None:
+        trainer = self._trainer
+        if trainer is None:
+            return
+        strategy = trainer.strategy
+        group = getattr(strategy, "sp_group", None)
+        if group is None:
+            mesh = getattr(strategy, "device_mesh", None)
+            names = getattr(mesh, "mesh_dim_names", None) or ()
+            if mesh is not None and "sp" in names:
+                group = mesh["sp"].get_group()
+        self.model.sp_group = group
+
+    def setup(self, stage: str) -> None:
+        self._attach_sp_group()
+
+    def on_fit_start(self) -> None:
+        self._attach_sp_group()
+
+    def on_validation_start(self) -> None:
+        self._attach_sp_group()
+
+    def _sp_size(self) -> int:
+        g = self.model.sp_group
+        if g is None or not dist.is_available() or not dist.is_initialized():
+            return 1
+        return dist.get_world_size(g)
+
+    # -- steps
+    def forward(self, input_ids, labels=None, cu_seqlens=None):
+        return self.model(input_ids, labels=labels, cu_seqlens=cu_seqlens)
+
+    @staticmethod
+    def _unpack(batch):
+        if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
+            got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"batch must be a dict with 'input_ids' and 'labels' (optional 'cu_seqlens'), got {got}")
+        return batch["input_ids"], batch["labels"], batch.get("cu_seqlens")
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels, cu = self._unpack(batch)
+        out = self.model(input_ids, labels=labels, cu_seqlens=cu, return_logits=False)
+        B = input_ids.shape[0]
+        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=B)
+        opt = self._trainer.optimizers[0] if self._trainer is not None and self._trainer.optimizers else None
+        if opt is not None:
+            self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=B)
+        # Throughput: the rank holds a distinct shard (or a distinct sample under pure DP), so the
+        # global batch is local tokens x world size; each SP group's sequence counts once.
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            dt = max(now - self._last_step_time, 1e-9)
+            local_tokens = input_ids.numel()
+            world = self._trainer.world_size if self._trainer is not None else 1
+            self.log("train/tokens_per_s", local_tokens * world / dt, on_step=True, on_epoch=False, batch_size=B)
+            self.log("train/tokens_per_gpu_per_s", local_tokens / dt, on_step=True, on_epoch=False, batch_size=B)
+        self._last_step_time = now
+        return out.loss
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None
+
+    def validation_step(self, batch, batch_idx):
+        input_ids, labels, cu = self._unpack(batch)
+        out = self.model(input_ids, labels=labels, cu_seqlens=cu, return_logits=False)
+        self.log("val/loss", out.loss.detach(), on_step=False, on_epoch=True, prog_bar=True,
+                 sync_dist=True, batch_size=input_ids.shape[0])
+        return out.loss
+
+    # -- optimisation
+    def param_groups(self):
+        decay, no_decay, seen = [], [], set()
+        for module in self.model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                if isinstance(module, nn.Linear) and name == "weight" and p.dim() >= 2 and p is not self.model.embed.weight:
+                    decay.append(p)
+                else:
+                    no_decay.append(p)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def _total_steps(self) -> int:
+        if self.hparams.max_steps is not None:
+            return int(self.hparams.max_steps)
+        trainer = self._trainer
+        if trainer is not None:
+            if trainer.max_steps is not None and trainer.max_steps > 0:
+                return int(trainer.max_steps)
+            try:
+                est = trainer.estimated_stepping_batches
+                if est is not None and math.isfinite(est):
+                    return int(est)
+            except Exception:  # noqa: BLE001 - no dataloader yet / infinite
+                pass
+        return max(1, self.hparams.warmup_steps * 10)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        kwargs = {}
+        if next(self.model.parameters()).is_cuda:
+            kwargs["fused"] = True
+        opt = torch.optim.AdamW(self.param_groups(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, **kwargs)
+        total, warmup, min_ratio = self._total_steps(), int(h.warmup_steps), float(h.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, warmup, total, min_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

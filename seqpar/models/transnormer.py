@@ -1,0 +1,489 @@
+"""TransNormerLLM-style language model on Lightning Attention-2, sequence-parallel aware.
+
+Block (pre-norm, as TransNormerLLM, Qin et al. 2023):
+
+    x = x + Dropout(GLA(SimpleRMSNorm(x)))            token mixer: gated linear attention
+    x = x + Dropout(SGLU(SimpleRMSNorm(x)))           channel mixer: simple GLU, no activation
+
+    GLA(x)  = W_o( SimpleRMSNorm(o) * u ),  o = lightning_attn(q, k, v, slopes)
+              q = act(W_q x), k = act(W_k x), v = W_v x, u = gate_act(W_u x)
+    SGLU(x) = W_3( W_1 x * W_2 x )
+
+Projections are reshaped [B, T, H*D] -> [B, T, H, D] by a view (the operator's layout, no transpose).
+Slopes are ALiBi-style per head, scaled per layer ``s_h * (1 - l/(L-1) + 1e-5)`` (layer 0 decays most).
+
+Sequence parallelism: ``TransNormerLLM(config, sp_group=group)`` or ``model.sp_group = group`` (the
+Lightning strategy creates the group after the model). With a group of size > 1 the attention of every
+layer runs ``seqpar.distributed.sp_lightning_attn`` and the inputs are the rank's contiguous shard of T;
+the loss contract is described in :meth:`TransNormerLLM.forward`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..kernels.lightning_attn import lightning_attn
+from .config import TNLConfig
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def alibi_slopes(n_heads: int) -> List[float]:
+    """ALiBi head slopes 2^(-8 i / n), i = 1..n, extended to non-powers of two as ALiBi does."""
+
+    def pow2(n: int) -> List[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if n_heads <= 0:
+        raise ValueError(f"n_heads must be positive, got {n_heads}")
+    if math.log2(n_heads).is_integer():
+        return pow2(n_heads)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return pow2(closest) + alibi_slopes(2 * closest)[0::2][: n_heads - closest]
+
+
+def layer_slopes(config: TNLConfig, layer_idx: int) -> List[float]:
+    """Decay slopes [H] of one layer (python floats, non-negative)."""
+    H, L = config.n_heads, config.n_layers
+    if config.decay == "none":
+        return [0.0] * H
+    base = alibi_slopes(H)
+    if config.decay == "alibi":
+        return base
+    # "tnl": TransNormerLLM's slope_rate * (1 - layer_idx / (num_layers - 1) + 1e-5); L == 1 keeps the base.
+    rate = 1.0 if L == 1 else 1.0 - layer_idx / (L - 1) + 1e-5
+    return [s * rate for s in base]
+
+
+def _act(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "sigmoid":
+        return torch.sigmoid
+    if name == "relu":
+        return F.relu
+    if name == "elu1":
+        return lambda x: 1.0 + F.elu(x)
+    return lambda x: x
+
+
+class SimpleRMSNorm(nn.Module):
+    """RMS norm without a learnable gain (TransNormerLLM's SimpleRMSNorm); computed in fp32."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+def _sp_size(group) -> int:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+# ----------------------------------------------------------------------------------------- layers
+class GatedLinearAttention(nn.Module):
+    """TNL token mixer: gated, RMS-normalised Lightning Attention with per-head decay."""
+
+    def __init__(self, config: TNLConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        d, inner, b = config.d_model, config.inner_dim, config.bias
+        self.q_proj = nn.Linear(d, inner, bias=b)
+        self.k_proj = nn.Linear(d, inner, bias=b)
+        self.v_proj = nn.Linear(d, inner, bias=b)
+        self.u_proj = nn.Linear(d, inner, bias=b)
+        self.o_proj = nn.Linear(inner, d, bias=b)
+        self.o_proj._is_residual_out = True
+        self.norm = SimpleRMSNorm(config.norm_eps)
+        self.qk_act = _act(config.qk_act)
+        self.gate_act = _act(config.gate_act)
+        self.scale = config.attn_scale if config.attn_scale is not None else self.head_dim ** -0.5
+        self._slope_values = layer_slopes(config, layer_idx)
+        init = torch.tensor(self._slope_values, dtype=torch.float32)
+        if config.learnable_slopes:
+            self.log_slopes = nn.Parameter(init.log())
+        else:
+            self.register_buffer("slopes_buf", init, persistent=False)
+
+    # The slopes stay fp32 even after model.to(bfloat16) (a buffer would otherwise be rounded).
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        buf = getattr(self, "slopes_buf", None)
+        if buf is not None and buf.dtype != torch.float32:
+            self.slopes_buf = torch.tensor(self._slope_values, dtype=torch.float32, device=buf.device)
+        return out
+
+    @property
+    def slopes(self) -> torch.Tensor:
+        if self.config.learnable_slopes:
+            return self.log_slopes.float().exp()
+        return self.slopes_buf
+
+    def _qkvu(self, x: torch.Tensor):
+        shape = x.shape[:-1] + (self.n_heads, self.head_dim)
+        q = self.qk_act(self.q_proj(x)).view(shape)
+        k = self.qk_act(self.k_proj(x)).view(shape)
+        v = self.v_proj(x).view(shape)
+        u = self.gate_act(self.u_proj(x))
+        return q, k, v, u
+
+    def _out(self, o: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        o = o.reshape(o.shape[:-2] + (-1,))
+        return self.o_proj(self.norm(o).to(u.dtype) * u)
+
+    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False):
+        q, k, v, u = self._qkvu(x)
+        slopes = self.slopes
+        if _sp_size(sp_group) > 1:
+            if initial_state is not None or output_final_state:
+                raise ValueError("initial/final states are not supported under sequence parallelism")
+            from ..distributed import sp_lightning_attn  # lazy: the SP layer is optional at import time
+
+            o = sp_lightning_attn(
+                q, k, v, slopes, group=sp_group, scale=self.scale, mode=self.config.sp_mode, cu_seqlens=cu_seqlens
+            )
+            ht = None
+            if isinstance(o, tuple):
+                o = o[0]
+        else:
+            o, ht = lightning_attn(
+                q, k, v, slopes, scale=self.scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.config.attn_backend,
+            )
+        return self._out(o, u), ht
+
+    def step(self, x: torch.Tensor, state: torch.Tensor):
+        """One recurrent step: x [B, d], state [B, H, D, E] fp32 -> (y [B, d], new state)."""
+        q, k, v, u = self._qkvu(x)  # q, k, v [B, H, D]
+        lam = torch.exp(-self.slopes.float())[None, :, None, None]
+        qf, kf, vf = q.float(), k.float(), v.float()
+        state = lam * state + kf.unsqueeze(-1) * vf.unsqueeze(-2)
+        o = self.scale * torch.einsum("bhd,bhde->bhe", qf, state)
+        return self._out(o.to(v.dtype), u), state
+
+
+class SGLU(nn.Module):
+    """Simple GLU channel mixer of TransNormerLLM: W3 (W1 x * W2 x), no activation."""
+
+    def __init__(self, config: TNLConfig):
+        super().__init__()
+        d, g, b = config.d_model, config.glu_dim, config.bias
+        self.w1 = nn.Linear(d, g, bias=b)
+        self.w2 = nn.Linear(d, g, bias=b)
+        self.w3 = nn.Linear(g, d, bias=b)
+        self.w3._is_residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(self.w1(x) * self.w2(x))
+
+
+class TNLBlock(nn.Module):
+    def __init__(self, config: TNLConfig, layer_idx: int):
+        super().__init__()
+        self.token_norm = SimpleRMSNorm(config.norm_eps)
+        self.token_mixer = GatedLinearAttention(config, layer_idx)
+        self.channel_norm = SimpleRMSNorm(config.norm_eps)
+        self.channel_mixer = SGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False):
+        a, ht = self.token_mixer(
+            self.token_norm(x), cu_seqlens=cu_seqlens, sp_group=sp_group,
+            initial_state=initial_state, output_final_state=output_final_state,
+        )
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.channel_mixer(self.channel_norm(x)))
+        return x, ht
+
+    def step(self, x, state):
+        a, state = self.token_mixer.step(self.token_norm(x), state)
+        x = x + a
+        x = x + self.channel_mixer(self.channel_norm(x))
+        return x, state
+
+
+@dataclass
+class LMOutput:
+    """Output of :meth:`TransNormerLLM.forward`.
+
+    loss: scalar (None without labels); logits: [B, T, V] (the rank's shard under SP; None when
+    ``return_logits=False``); final_states: per-layer states [B, H, D, E] fp32 when requested;
+    num_tokens: valid (non -100) label tokens of this rank (tensor) when labels are given.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    final_states: Optional[List[torch.Tensor]] = None
+    num_tokens: Optional[torch.Tensor] = None
+
+
+# ----------------------------------------------------------------------------------------- model
+class TransNormerLLM(nn.Module):
+    """Decoder-only LM: embedding, ``n_layers`` TNL blocks, final SimpleRMSNorm, lm head."""
+
+    def __init__(self, config: TNLConfig, sp_group: Optional["dist.ProcessGroup"] = None):
+        super().__init__()
+        if not isinstance(config, TNLConfig):
+            raise TypeError(f"config must be a TNLConfig, got {type(config).__name__}")
+        self.config = config
+        self.sp_group = sp_group
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(TNLBlock(config, i) for i in range(config.n_layers))
+        self.final_norm = SimpleRMSNorm(config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # -- init / bookkeeping
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers) if self.config.scaled_init else std
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, out_std if getattr(m, "_is_residual_out", False) else std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+        for layer in self.layers:
+            att = layer.token_mixer
+            if self.config.learnable_slopes:
+                att.log_slopes.copy_(torch.tensor(att._slope_values, dtype=torch.float32).log())
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of (distinct) parameters; works on the meta device."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    # -- input checks
+    def _check_inputs(self, input_ids, labels, cu_seqlens) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and input_ids.device.type != "meta":
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]"
+                )
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor):
+                raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"cu_seqlens needs packed input_ids with B == 1, got B = {input_ids.shape[0]}")
+
+    # -- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        initial_states: Optional[Sequence[torch.Tensor]] = None,
+        output_final_states: bool = False,
+        return_logits: bool = True,
+        use_sp: bool = True,
+    ) -> LMOutput:
+        """Run the LM.
+
+        Args:
+            input_ids: [B, T] int token ids in ``[0, vocab_size)``. Under SP (``self.sp_group`` of size
+                P > 1) the rank's contiguous shard of the sequence (rank r holds tokens
+                ``[r*T, (r+1)*T)``).
+            labels: [B, T] int, ALREADY shifted (``labels[:, t]`` is the target of position t), -100 is
+                ignored; the same shard as input_ids under SP.
+            cu_seqlens: packed-document offsets (B == 1), passed to the attention operator as is.
+            initial_states / output_final_states: per-layer recurrent states [B, H, D, E] (not under SP).
+            return_logits: set False to drop the logits from the output (they stay in the graph).
+            use_sp: False ignores ``self.sp_group`` (every rank then holds whole sequences).
+
+        Loss contract: ``loss`` is the mean cross entropy over all valid (non -100) tokens of the SP
+        group's batch, the same value on every rank of the group (= the SP=1 loss of the whole
+        sequences). Under SP each rank returns
+        ``loss = local + (global - local).detach()`` with ``local = P * local_sum / global_count``
+        (sum and count all-reduced, detached, over the SP group), so the value is the group mean while
+        the gradient of rank r is that of ``P * local_sum_r / global_count``: averaged over the P ranks
+        (what DDP does over dp x sp) the parameter gradients equal the single-process gradient.
+        If a batch has no valid label the loss is 0 (with a zero gradient).
+        """
+        self._check_inputs(input_ids, labels, cu_seqlens)
+        group = self.sp_group if use_sp else None
+        P = _sp_size(group)
+        if P == 1:
+            group = None
+        if initial_states is not None and len(initial_states) != len(self.layers):
+            raise ValueError(f"initial_states must hold one state per layer ({len(self.layers)}), got {len(initial_states)}")
+
+        x = self.embed(input_ids)
+        ckpt = (
+            self.config.activation_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and initial_states is None
+            and not output_final_states
+        )
+        final_states = [] if output_final_states else None
+        for i, layer in enumerate(self.layers):
+            h0 = initial_states[i] if initial_states is not None else None
+            if ckpt:
+                x, ht = checkpoint(layer, x, cu_seqlens, group, use_reentrant=False)
+            else:
+                x, ht = layer(x, cu_seqlens=cu_seqlens, sp_group=group, initial_state=h0,
+                              output_final_state=output_final_states)
+            if final_states is not None:
+                final_states.append(ht)
+        logits = self.lm_head(self.final_norm(x))
+
+        loss = num_tokens = None
+        if labels is not None:
+            loss, num_tokens = self._loss(logits, labels, group, P)
+        return LMOutput(loss=loss, logits=logits if return_logits else None,
+                        final_states=final_states, num_tokens=num_tokens)
+
+    @staticmethod
+    def _loss(logits, labels, group, P):
+        labels = labels.long()
+        valid = labels != IGNORE_INDEX
+        local_sum = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+        local_count = valid.sum()
+        if group is None:
+            return local_sum / local_count.clamp(min=1).to(local_sum.dtype), local_count
+        stats = torch.stack([local_sum.detach().double(), local_count.double()])
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        global_count = stats[1].clamp(min=1)
+        global_loss = (stats[0] / global_count).to(local_sum.dtype)
+        local_scaled = local_sum * (P / global_count.to(local_sum.dtype))
+        return local_scaled + (global_loss - local_scaled).detach(), local_count
+
+    # -- recurrent inference
+    def init_states(self, batch_size: int, device=None) -> List[torch.Tensor]:
+        c = self.config
+        device = device if device is not None else self.embed.weight.device
+        return [torch.zeros(batch_size, c.n_heads, c.head_dim, c.head_dim, dtype=torch.float32, device=device)
+                for _ in self.layers]
+
+    def step(self, input_ids: torch.Tensor, states: Sequence[torch.Tensor]):
+        """Decode one token per sequence with O(1) state: input_ids [B] -> (logits [B, V], new states)."""
+        if input_ids.dim() == 2 and input_ids.shape[1] == 1:
+            input_ids = input_ids[:, 0]
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids of step must be [B] or [B, 1], got shape {tuple(input_ids.shape)}")
+        self._check_inputs(input_ids[:, None], None, None)
+        x = self.embed(input_ids)
+        new_states = []
+        for layer, S in zip(self.layers, states):
+            x, S = layer.step(x, S)
+            new_states.append(S)
+        return self.lm_head(self.final_norm(x)), new_states
+
+    @torch.no_grad()
+    def forward_recurrent(self, input_ids: torch.Tensor, initial_states=None):
+        """Logits [B, T, V] of a token-by-token recurrent decode (reference for the chunked forward)."""
+        self._check_inputs(input_ids, None, None)
+        states = list(initial_states) if initial_states is not None else self.init_states(input_ids.shape[0])
+        out = []
+        for t in range(input_ids.shape[1]):
+            logits, states = self.step(input_ids[:, t], states)
+            out.append(logits)
+        return torch.stack(out, 1), states
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        return_logits: bool = False,
+    ):
+        """Sample continuations: prefill with the chunked operator, then decode with O(1) state per layer.
+
+        Args:
+            prompt_ids: [B, T0] ints, T0 >= 1. Generation is single-process (``sp_group`` is ignored).
+            max_new_tokens: number of tokens to append.
+            temperature: softmax temperature; 0 means greedy (argmax).
+            top_k: sample among the k most likely tokens only.
+            generator: torch.Generator for reproducible sampling.
+            return_logits: also return the logits [B, max_new_tokens, V] each new token was drawn from.
+        Returns:
+            ids [B, T0 + max_new_tokens] (and the logits when ``return_logits``).
+        """
+        self._check_inputs(prompt_ids, None, None)
+        if prompt_ids.shape[1] < 1:
+            raise ValueError("prompt_ids must hold at least one token per sequence")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(prompt_ids, output_final_states=True, use_sp=False)
+            states = out.final_states
+            logits = out.logits[:, -1]
+            ids, all_logits = [prompt_ids], []
+            for i in range(max_new_tokens):
+                all_logits.append(logits)
+                nxt = self._sample(logits.float(), temperature, top_k, generator)
+                ids.append(nxt[:, None])
+                if i + 1 < max_new_tokens:
+                    logits, states = self.step(nxt, states)
+        finally:
+            self.train(was_training)
+        result = torch.cat(ids, 1)
+        if return_logits:
+            V = self.config.vocab_size
+            lg = torch.stack(all_logits, 1) if all_logits else prompt_ids.new_zeros(prompt_ids.shape[0], 0, V).float()
+            return result, lg
+        return result
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, generator):
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, -1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
