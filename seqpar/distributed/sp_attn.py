@@ -1,0 +1,390 @@
+"""Sequence-parallel Lightning Attention-2 (DESIGN section 2).
+
+Rank r of an SP group of P ranks holds the contiguous shard ``[off_r, off_r + L_r)`` of every
+sequence. The state entering rank r is
+
+    H_0 = 0,   H_{r+1} = a_r H_r + M_r
+
+with ``M_r`` the state of the shard's last document segment (zero initial state) and
+``a_r = lambda^{L_r}`` (0 when a document starts inside the shard or exactly at its start). Then
+
+    o_t = o0_t + scale * lambda^(t+1) q_t H_r      for local t before the first local document start,
+
+where ``o0`` is the local kernel with zero initial state. The layout of one call:
+
+    M_r, a_r          torch, fp32 (fp64 for fp64 inputs), differentiable (custom Function, no big temporaries kept)
+    _Start            launches the exchange of (M_r, a_r) asynchronously (all-gather, or ring irecv)
+    o0                seqpar.lightning_attn on the shard  <- overlaps the exchange
+    _Finish           waits, returns H_r (all-gather: local prefix combine; ring: recv, send a_r H_r + M_r)
+    correction        o = o0 + scale lambda^(t+1) q_t H_r  (custom Function)
+
+Backward mirrors it: _Finish.backward launches the reverse exchange of dH_r (suffix scan
+G_r = dH_r + a_r G_{r+1}), autograd runs the local kernel's backward meanwhile, and _Start.backward
+waits and returns dM_r = G_{r+1}, da_r = <G_{r+1}, H_r>. Gradients of q, k, v, slopes are exact.
+
+Every rank of the group must call the op the same number of times in the same order, and must use
+its output in the loss (a rank that does not backpropagate through it leaves the others waiting).
+The slopes gradient on each rank is that rank's contribution: sum (or, in DDP, average) it over the
+group like any replicated parameter.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..kernels.lightning_attn import lightning_attn
+from ..kernels.lightning_attn.interface import validate_inputs
+from . import comm
+
+__all__ = ["sp_lightning_attn", "local_cu_seqlens"]
+
+_MODES = ("allgather", "ring")
+_CHUNK = 4096  # tokens per step in the torch state helpers: bounds fp32 temporaries
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ranges(n: int, c: int = _CHUNK):
+    return [(i, min(i + c, n)) for i in range(0, n, c)]
+
+
+# --------------------------------------------------------------------------------------------
+# Local state helpers (differentiable, recompute in backward: they keep only q/k/v references,
+# which the kernel saves anyway)
+# --------------------------------------------------------------------------------------------
+
+
+class _SegmentState(torch.autograd.Function):
+    """M = sum_j lambda^(L-1-j) k_j^T v_j over a segment of L tokens -> [B, H, D, E] (acc dtype)."""
+
+    @staticmethod
+    def forward(ctx, k, v, slopes):
+        B, L, H, D = k.shape
+        E = v.shape[-1]
+        acc = _acc(k.dtype)
+        s = slopes.detach().to(acc)
+        M = torch.zeros(B, H, D, E, dtype=acc, device=k.device)
+        for a, b in _ranges(L):
+            j = torch.arange(a, b, device=k.device, dtype=acc)
+            w = torch.exp(-s[None, :] * (L - 1 - j)[:, None])  # [c, H]
+            kw = k[:, a:b].to(acc) * w[None, :, :, None]
+            M += torch.einsum("bthd,bthe->bhde", kw, v[:, a:b].to(acc))
+        ctx.save_for_backward(k, v, slopes)
+        return M
+
+    @staticmethod
+    def backward(ctx, dM):
+        k, v, slopes = ctx.saved_tensors
+        B, L, H, D = k.shape
+        acc = dM.dtype
+        s = slopes.detach().to(acc)
+        need_k, need_v, need_s = ctx.needs_input_grad[:3]
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
+        ds = torch.zeros(H, dtype=acc, device=k.device) if need_s else None
+        for a, b in _ranges(L):
+            j = torch.arange(a, b, device=k.device, dtype=acc)
+            e = (L - 1 - j)[:, None]
+            w = torch.exp(-s[None, :] * e)[None, :, :, None]  # [1, c, H, 1]
+            kc, vc = k[:, a:b].to(acc), v[:, a:b].to(acc)
+            vdm = torch.einsum("bthe,bhde->bthd", vc, dM)  # (dM v_j)
+            if need_k:
+                dk[:, a:b] = (vdm * w).to(k.dtype)
+            if need_v:
+                dv[:, a:b] = (torch.einsum("bthd,bhde->bthe", kc, dM) * w).to(v.dtype)
+            if need_s:
+                # d/ds lambda^e = -e lambda^e
+                ds -= ((kc * vdm).sum(-1) * w[..., 0] * e[None]).sum((0, 1))
+        return dk, dv, (ds.to(slopes.dtype) if need_s else None)
+
+
+class _StateCorrection(torch.autograd.Function):
+    """corr_t = scale * lambda^(t+1) q_t H for the given (leading) tokens -> [B, T, H, E] in q's dtype."""
+
+    @staticmethod
+    def forward(ctx, q, Hs, slopes, scale):
+        B, T, H, D = q.shape
+        E = Hs.shape[-1]
+        acc = Hs.dtype
+        s = slopes.detach().to(acc)
+        out = torch.empty(B, T, H, E, dtype=q.dtype, device=q.device)
+        for a, b in _ranges(T):
+            t = torch.arange(a, b, device=q.device, dtype=acc)
+            w = torch.exp(-s[None, :] * (t + 1)[:, None])[None, :, :, None]  # [1, c, H, 1]
+            out[:, a:b] = (torch.einsum("bthd,bhde->bthe", q[:, a:b].to(acc), Hs) * (w * scale)).to(q.dtype)
+        ctx.save_for_backward(q, Hs, slopes)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, Hs, slopes = ctx.saved_tensors
+        scale = ctx.scale
+        B, T, H, D = q.shape
+        acc = Hs.dtype
+        s = slopes.detach().to(acc)
+        need_q, need_h, need_s = ctx.needs_input_grad[:3]
+        dq = torch.empty_like(q) if need_q else None
+        dH = torch.zeros_like(Hs) if need_h else None
+        ds = torch.zeros(H, dtype=acc, device=q.device) if need_s else None
+        for a, b in _ranges(T):
+            t = torch.arange(a, b, device=q.device, dtype=acc)
+            e = (t + 1)[:, None]
+            w = torch.exp(-s[None, :] * e)[None, :, :, None] * scale  # [1, c, H, 1]
+            do = dout[:, a:b].to(acc)
+            qc = q[:, a:b].to(acc)
+            if need_q:
+                dq[:, a:b] = (torch.einsum("bthe,bhde->bthd", do, Hs) * w).to(q.dtype)
+            if need_h:
+                dH += torch.einsum("bthd,bthe->bhde", qc * w, do)
+            if need_s:
+                qh = torch.einsum("bthd,bhde->bthe", qc, Hs)
+                ds -= ((qh * do).sum(-1) * w[..., 0] * e[None]).sum((0, 1))
+        return dq, dH, (ds.to(slopes.dtype) if need_s else None), None
+
+
+# --------------------------------------------------------------------------------------------
+# The exchange: _Start (launch) and _Finish (wait), sharing one Python object
+# --------------------------------------------------------------------------------------------
+
+
+class _Exchange:
+    """State shared by the _Start/_Finish pair of one call (work handles, a's, H_r)."""
+
+    def __init__(self, group, mode: str, rank: int, size: int, device: torch.device):
+        self.group, self.mode, self.rank, self.P = group, mode, rank, size
+        self.device = device  # where the state math lives
+        self.cdev = comm.comm_device(group, device)  # where the comm buffers live
+        self.work = None
+        self.buf = None
+        self.sends: List = []
+        self.M = None
+        self.a = None
+        self.a_all = None
+        self.H = None
+        self.dH = None
+        self.shape = None
+
+    def to_comm(self, x):
+        return x if x.device == self.cdev else x.to(self.cdev)
+
+    def from_comm(self, x):
+        return x if x.device == self.device else x.to(self.device, non_blocking=False)
+
+    def wait_sends(self):
+        for w in self.sends:
+            if w is not None:
+                w.wait()
+        self.sends = []
+
+
+class _Start(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, M, a, ex: _Exchange):
+        ex.shape = M.shape
+        r, P = ex.rank, ex.P
+        if ex.mode == "allgather":
+            flat = torch.cat([M.reshape(-1), a.reshape(-1)])
+            ex.buf, ex.work = comm.all_gather_flat(ex.to_comm(flat), ex.group, async_op=True)
+        else:
+            ex.M, ex.a = M, a
+            if r > 0:
+                ex.buf = torch.empty(M.shape, dtype=M.dtype, device=ex.cdev)
+                ex.work = comm.irecv(ex.buf, ex.group, r - 1)
+            elif P > 1:  # H_0 = 0: rank 0 sends M_0 right away
+                ex.sends.append(comm.isend(ex.to_comm(M), ex.group, 1))
+        ctx.ex = ex
+        return M.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _ddummy):
+        ex: _Exchange = ctx.ex
+        r, P = ex.rank, ex.P
+        if ex.mode == "allgather":
+            ex.work.wait()
+            dH_all = ex.from_comm(ex.buf).view(P, *ex.shape)
+            G = torch.zeros_like(ex.H)
+            for j in range(P - 1, r, -1):  # G_j = dH_j + a_j G_{j+1}; want G_{r+1}
+                G = dH_all[j] + ex.a_all[j].view(1, -1, 1, 1) * G
+        else:
+            if r < P - 1:
+                ex.work.wait()
+                G = ex.from_comm(ex.buf)
+            else:
+                G = torch.zeros_like(ex.H)
+            if 0 < r < P - 1:
+                Gr = ex.dH + ex.a.view(1, -1, 1, 1) * G
+                ex.sends.append(comm.isend(ex.to_comm(Gr), ex.group, r - 1))
+            ex.wait_sends()
+        da = (G * ex.H).sum((0, 2, 3))
+        ex.buf = ex.work = ex.dH = ex.H = ex.a_all = ex.M = ex.a = None
+        return G, da, None
+
+
+class _Finish(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dummy, ex: _Exchange):
+        r, P = ex.rank, ex.P
+        shape = ex.shape
+        if ex.mode == "allgather":
+            ex.work.wait()
+            allbuf = ex.from_comm(ex.buf)
+            n = allbuf.shape[1] - shape[1]
+            M_all = allbuf[:, :n].view(P, *shape)
+            a_all = allbuf[:, n:]  # [P, H]
+            Hs = torch.zeros(shape, dtype=allbuf.dtype, device=allbuf.device)
+            for j in range(r):
+                Hs = a_all[j].view(1, -1, 1, 1) * Hs + M_all[j]
+            ex.a_all = a_all.clone()
+            ex.buf = ex.work = None
+        else:
+            if r > 0:
+                ex.work.wait()
+                Hs = ex.from_comm(ex.buf)
+                ex.buf = ex.work = None
+            else:
+                Hs = torch.zeros(shape, dtype=ex.M.dtype, device=ex.M.device)
+            if 0 < r < P - 1:
+                nxt = ex.a.view(1, -1, 1, 1) * Hs + ex.M
+                ex.sends.append(comm.isend(ex.to_comm(nxt), ex.group, r + 1))
+            ex.wait_sends()
+            ex.M = None
+            ex.a = ex.a.detach()
+        ex.H = Hs
+        ctx.ex = ex
+        return Hs.clone()
+
+    @staticmethod
+    def backward(ctx, dH):
+        ex: _Exchange = ctx.ex
+        r, P = ex.rank, ex.P
+        dH = dH.contiguous()
+        if ex.mode == "allgather":
+            ex.buf, ex.work = comm.all_gather_flat(ex.to_comm(dH.reshape(-1)), ex.group, async_op=True)
+        else:
+            ex.dH = dH
+            if r < P - 1:
+                ex.buf = torch.empty(dH.shape, dtype=dH.dtype, device=ex.cdev)
+                ex.work = comm.irecv(ex.buf, ex.group, r + 1)
+            elif P > 1:  # G_{P-1} = dH_{P-1}
+                ex.sends.append(comm.isend(ex.to_comm(dH), ex.group, r - 1))
+        return dH.new_empty(0), None
+
+
+# --------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------
+
+
+def local_cu_seqlens(
+    cu_seqlens: torch.Tensor, offset: int, length: int
+) -> Tuple[Optional[torch.Tensor], int, int, bool]:
+    """Local view of global document offsets for the shard ``[offset, offset + length)``.
+
+    Returns ``(local_cu or None, first, last, resets)``: ``local_cu`` are the local offsets (None if
+    the shard lies inside one document), ``first`` the local position of the first document start
+    in the shard (``length`` if none: all tokens continue the incoming state), ``last`` that of the
+    last one (0 if none: the whole shard feeds the outgoing state), ``resets`` whether any document
+    starts in the shard (then the incoming state does not flow through it: a_r = 0).
+    """
+    bounds = [int(b) - offset for b in cu_seqlens.tolist()]
+    starts = sorted({b for b in bounds if 0 <= b < length})
+    inner = sorted({b for b in starts if b > 0})
+    local = None
+    if inner:
+        local = torch.tensor([0] + inner + [length], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    first = starts[0] if starts else length
+    last = starts[-1] if starts else 0
+    return local, first, last, bool(starts)
+
+
+def sp_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    group=None,
+    scale: Optional[float] = None,
+    mode: str = "allgather",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+    shard_offset: Optional[int] = None,
+) -> torch.Tensor:
+    """Sequence-parallel Lightning Attention-2 over the ranks of ``group``.
+
+    Args:
+        q, k: [B, T_local, H, D]; v: [B, T_local, H, E]: this rank's contiguous shard (group rank i
+            holds shard i). B, H, D, E must match on all ranks; T_local may differ between ranks
+            (without ``cu_seqlens``; with it see ``shard_offset``).
+        slopes: [H] non-negative decay rates (replicated on all ranks).
+        group: process group of the SP ranks (None: the default group).
+        scale: None means D ** -0.5.
+        mode: "allgather" (LASP-2: one all-gather of the per-rank states, local prefix combine) or
+            "ring" (LASP: recv H_r from rank r-1, send a_r H_r + M_r to r+1). Same result.
+        cu_seqlens: *global* packed-document offsets [N+1] (B == 1), identical on all ranks; the
+            state resets at every document start, also across ranks.
+        backend: passed to :func:`seqpar.lightning_attn` for the local kernel.
+        shard_offset: global position of this rank's first token. Default ``rank * T_local``
+            (equal shards; then ``cu_seqlens[-1]`` must equal ``P * T_local``). Pass it to use
+            unequal shards with ``cu_seqlens``.
+    Returns:
+        o: [B, T_local, H, E], this rank's shard of the output, in q's dtype.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    g = comm.as_group(group)
+    P = comm.group_size(g)
+    r = comm.group_rank(g)
+    validate_inputs(q, k, v, slopes, scale, None, None, backend)
+    B, L, H, D = q.shape
+    E = v.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+
+    local_cu, first, last, resets = None, L, 0, False
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+                or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of global document offsets")
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
+        total = int(cu_seqlens[-1])
+        if int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+        if shard_offset is None:
+            if total != P * L:
+                raise ValueError(
+                    f"cu_seqlens[-1] = {total} (global tokens) != group size {P} x local length {L}: "
+                    f"shards must be equal (pad the packed sequence to a multiple of {P}, e.g. with a "
+                    f"final padding document, before shard_sequence) or pass shard_offset="
+                )
+            shard_offset = r * L
+        elif not (0 <= shard_offset and shard_offset + L <= total):
+            raise ValueError(f"shard_offset {shard_offset} + T_local {L} exceeds cu_seqlens[-1] = {total}")
+        local_cu, first, last, resets = local_cu_seqlens(cu_seqlens, int(shard_offset), L)
+
+    if P == 1:
+        return lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)[0]
+
+    acc = _acc(q.dtype)
+    # 1. this shard's contribution to the outgoing state, and the decay of the incoming one
+    M = _SegmentState.apply(k[:, last:], v[:, last:], slopes)
+    if resets:
+        a = torch.zeros(H, dtype=acc, device=q.device)
+    else:
+        a = torch.exp(-slopes.to(acc) * L)
+    # 2. launch the exchange
+    ex = _Exchange(g, mode, r, P, q.device)
+    dummy = _Start.apply(M, a, ex)
+    # 3. local kernel with zero initial state: overlaps the exchange
+    o0, _ = lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)
+    # 4. incoming state H_r
+    Hs = _Finish.apply(dummy, ex)
+    # 5. its contribution to the tokens before the first local document start. H_r always enters
+    # the graph (an empty slice when first == 0), so every rank joins the backward exchange.
+    corr = _StateCorrection.apply(q[:, :first], Hs, slopes, scale)
+    if first == L:
+        return o0 + corr
+    return torch.cat([o0[:, :first] + corr, o0[:, first:]], 1)
