@@ -160,11 +160,10 @@ class GatedLinearAttention(nn.Module):
             from ..distributed import sp_lightning_attn  # lazy: the SP layer is optional at import time
 
             o = sp_lightning_attn(
-                q, k, v, slopes, group=sp_group, scale=self.scale, mode=self.config.sp_mode, cu_seqlens=cu_seqlens
+                q, k, v, slopes, group=sp_group, scale=self.scale, mode=self.config.sp_mode,
+                cu_seqlens=cu_seqlens, backend=self.config.attn_backend,
             )
             ht = None
-            if isinstance(o, tuple):
-                o = o[0]
         else:
             o, ht = lightning_attn(
                 q, k, v, slopes, scale=self.scale, initial_state=initial_state,
@@ -326,7 +325,9 @@ class TransNormerLLM(nn.Module):
                 ``[r*T, (r+1)*T)``).
             labels: [B, T] int, ALREADY shifted (``labels[:, t]`` is the target of position t), -100 is
                 ignored; the same shard as input_ids under SP.
-            cu_seqlens: packed-document offsets (B == 1), passed to the attention operator as is.
+            cu_seqlens: packed-document offsets (B == 1), passed to the attention operator as is; under
+                SP they are the *global* offsets of the whole packed sequence, identical on every rank
+                (see :func:`seqpar.distributed.sp_lightning_attn`).
             initial_states / output_final_states: per-layer recurrent states [B, H, D, E] (not under SP).
             return_logits: set False to drop the logits from the output (they stay in the graph).
             use_sp: False ignores ``self.sp_group`` (every rank then holds whole sequences).
@@ -378,8 +379,10 @@ class TransNormerLLM(nn.Module):
     def _loss(logits, labels, group, P):
         labels = labels.long()
         valid = labels != IGNORE_INDEX
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss in fp32 at least (fp64 models keep fp64)
         local_sum = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="sum",
         )
         local_count = valid.sum()
