@@ -1,0 +1,633 @@
+"""Lightning Attention-2 in Triton: kernels -> launchers -> autograd Function -> chunk_lightning_attn.
+
+Math (per sequence and head, lambda = exp(-s), s >= 0, fp32 state):
+
+    S_t = lambda S_{t-1} + k_t^T v_t      (S_{-1} = h0 or 0),   o_t = scale q_t S_t,   ht = S_{T-1}
+
+Work decomposition (parallel over T, no program walks a whole sequence):
+
+* every sequence (a batch row, or a document of a packed batch) is cut into chunks of BT = 64 tokens,
+  and runs of ``seg_chunks`` chunks form a *segment*; segments never cross a sequence boundary;
+* forward
+    1. ``_seg_state_kernel``   per (segment, head, D/E block): M_s = sum_j lambda^(end-1-j) k_j^T v_j
+    2. ``_scan_kernel``        per (sequence, head, block): H_s = state entering segment s (in place
+                               of M_s), ht = state after the last segment (h0 enters here)
+    3. ``_fwd_out_kernel``     per (segment, head, E block): walks its chunks with the running state:
+                               o = scale * [ (q k^T * decay) v + (lambda^(i+1) q) S ],  S <- lambda^C S + ...
+* backward (mirror image, R = gradient flowing into the state from the right, R = dht at the end)
+    1. ``_seg_state_kernel``   N_s = scale * sum_i lambda^(i-start+1) q_i^T do_i
+    2. ``_scan_kernel``        reverse scan: G_s = R at the right edge of segment s, dh0 = R at 0
+    3. ``_bwd_dqdk_kernel``    per (segment, head, D block): dq (forward walk with S), dk (reverse walk with R)
+    4. ``_bwd_dv_kernel``      per (segment, head, E block): dv (reverse walk with R)
+  With slopes.requires_grad, 3. also writes the rowwise q.dq and k.dk (fp32, from the accumulators);
+  dL/dG_t = q_t.dq_t - k_t.dk_t (+ <dht, ht> at each sequence end), dslope = -sum (t_local+1) dL/dG_t.
+
+All decay factors are exp(-s * e) with a non-negative, masked exponent e: nothing is divided by a
+decay power and nothing overflows for strong decay. T, the segment length and the offsets are runtime
+arguments: a new T does not recompile. D and E are padded to powers of two (>= 16) with masks.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64  # tokens per chunk (BT)
+# Debug aid: fill outputs with NaN before the kernels run, so an element no program writes shows up.
+POISON = os.environ.get("SEQPAR_POISON", "0") not in ("", "0")
+# Chunks per segment; None picks from the problem size and the number of SMs.
+SEG_CHUNKS: Optional[int] = None
+# fp32 inputs: "ieee" (exact fp32 dots) or "tf32" (tensor cores, ~1e-3 relative error).
+FP32_PRECISION = os.environ.get("SEQPAR_FP32_PRECISION", "ieee")
+
+
+def _p2(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN: tl.constexpr):
+    """(sequence index, first token of the sequence, segment start, segment end) in flat tokens."""
+    if IS_VARLEN:
+        n = tl.load(segseq_ptr + pid_s).to(tl.int32)
+        bos = tl.load(cu_ptr + n).to(tl.int32)
+        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
+        start = tl.load(segstart_ptr + pid_s).to(tl.int32)
+    else:
+        n = pid_s // NS
+        bos = n * T
+        eos = bos + T
+        start = bos + (pid_s % NS) * SEG_T
+    end = tl.minimum(start + SEG_T, eos)
+    return n, bos, start, end
+
+
+@triton.jit
+def _seg_state_kernel(
+    a_ptr, b_ptr, slopes_ptr, out_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    T, H, D, E, NS, SEG_T, w_scale,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    FROM_END: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+):
+    """out[seg, h] = w_scale * sum_t w_t a_t^T b_t over the tokens of one segment.
+
+    FROM_END: w_t = lambda^(end-1-t) (forward: k, v); else w_t = lambda^(t-start+1) (backward: q, do).
+    a: [*, H, D], b: [*, H, E]; out: [NSEG, H, D, E] fp32.
+    """
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    NDB = tl.cdiv(D, BD)
+    i_e = pid % NEB
+    i_d = (pid // NEB) % NDB
+    rest = pid // (NEB * NDB)
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    acc = tl.zeros([BD, BE], dtype=tl.float32)
+    for cs in range(start, end, BT):
+        tok = cs + o_t
+        m_t = tok < end
+        tok64 = tok.to(tl.int64)
+        # a^T tile [BD, BT], b tile [BT, BE]
+        aT = tl.load(a_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        bb = tl.load(b_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        if FROM_END:
+            ex = tl.where(m_t, end - 1 - tok, 0).to(tl.float32)
+        else:
+            ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
+        w = tl.exp(-slope * ex)
+        aT = (aT.to(tl.float32) * w[None, :]).to(bb.dtype)
+        acc += tl.dot(aT, bb, input_precision=PREC)
+    acc = acc * w_scale
+    base = (pid_s.to(tl.int64) * H + h) * D * E
+    tl.store(out_ptr + base + o_d[:, None] * E + o_e[None, :], acc, mask=m_d[:, None] & m_e[None, :])
+
+
+@triton.jit
+def _scan_kernel(
+    buf_ptr, init_ptr, fin_ptr, slopes_ptr, cu_ptr, segoff_ptr,
+    T, H, D, E, NS, SEG_T,
+    BD: tl.constexpr, BE: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FIN: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Sequential combine over the segments of one sequence, in place.
+
+    buf[s] holds the contribution of segment s on entry and the state entering it (forward) or the
+    gradient entering it from the right (REVERSE) on exit. fin = state after the last segment (ht), or
+    after the first one going backwards (dh0). init: h0 (forward) or dht (reverse), [N, H, D, E].
+    """
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    NDB = tl.cdiv(D, BD)
+    i_e = pid % NEB
+    i_d = (pid // NEB) % NDB
+    rest = pid // (NEB * NDB)
+    h = rest % H
+    n = rest // H
+    if IS_VARLEN:
+        bos = tl.load(cu_ptr + n).to(tl.int32)
+        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
+        s0 = tl.load(segoff_ptr + n).to(tl.int32)
+        s1 = tl.load(segoff_ptr + n + 1).to(tl.int32)
+    else:
+        bos = n * T
+        eos = bos + T
+        s0 = n * NS
+        s1 = s0 + NS
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    msk = (o_d[:, None] < D) & (o_e[None, :] < E)
+    off = o_d[:, None] * E + o_e[None, :]
+    nh = (n.to(tl.int64) * H + h) * D * E
+    if HAS_INIT:
+        state = tl.load(init_ptr + nh + off, mask=msk, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BD, BE], dtype=tl.float32)
+    for i in range(0, s1 - s0):
+        if REVERSE:
+            s = s1 - 1 - i
+        else:
+            s = s0 + i
+        seg_start = bos + (s - s0) * SEG_T
+        seg_len = tl.minimum(SEG_T, eos - seg_start)
+        p = buf_ptr + (s.to(tl.int64) * H + h) * D * E + off
+        m = tl.load(p, mask=msk, other=0.0)
+        tl.store(p, state, mask=msk)
+        state = state * tl.exp(-slope * seg_len.to(tl.float32)) + m
+    if STORE_FIN:
+        tl.store(fin_ptr + nh + off, state, mask=msk)
+
+
+@triton.jit
+def _fwd_out_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, hbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    scale, T, H, D, E, NS, SEG_T,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    i_e = pid % NEB
+    rest = pid // NEB
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    S = tl.load(hbuf_ptr + (pid_s.to(tl.int64) * H + h) * D * E + o_d[:, None] * E + o_e[None, :],
+                mask=m_d[:, None] & m_e[None, :], other=0.0)
+    diff = o_t[:, None] - o_t[None, :]
+    causal = diff >= 0
+    decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    for cs in range(start, end, BT):
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        kT = tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        A = tl.dot(q, kT, input_precision=PREC) * decay
+        o = tl.dot(A.to(v.dtype), v, input_precision=PREC)
+        qd = q.to(tl.float32) * q_w[:, None]
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        kd = kT.to(tl.float32) * k_w[None, :]
+        if STATE_FP32:
+            o += tl.dot(qd, S, input_precision=PREC)
+            S = S * tl.exp(-slope * L.to(tl.float32)) + tl.dot(kd, v.to(tl.float32), input_precision=PREC)
+        else:
+            o += tl.dot(qd.to(q.dtype), S.to(q.dtype), input_precision=PREC)
+            S = S * tl.exp(-slope * L.to(tl.float32)) + tl.dot(kd.to(v.dtype), v, input_precision=PREC)
+        o = o * scale
+        tl.store(o_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_e[None, :])
+
+
+@triton.jit
+def _bwd_dqdk_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, hbuf_ptr, gbuf_ptr, dgq_ptr, dgk_ptr,
+    slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    scale, T, H, D, E, NS, SEG_T, NTOK,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, COMPUTE_DG: tl.constexpr,
+):
+    """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
+
+    dq_i = scale * [ sum_{j<=i} lambda^(i-j) (do_i.v_j) k_j + lambda^(i+1) do_i S_in^T ]
+    dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i + lambda^(L-1-j) v_j R^T
+    """
+    pid = tl.program_id(0)
+    NDB = tl.cdiv(D, BD)
+    i_d = pid % NDB
+    rest = pid // NDB
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_e = tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    sbase = (pid_s.to(tl.int64) * H + h) * D * E
+    diff = o_t[:, None] - o_t[None, :]
+    causal = diff >= 0
+    decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
+
+    # ---- dq: forward walk, ST = S^T block [BE, BD]
+    ST = tl.load(hbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
+    for cs in range(start, end, BT):
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        vT = tl.load(v_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
+        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        A2 = tl.dot(do, vT, input_precision=PREC) * decay  # [i, j]
+        dq = tl.dot(A2.to(k.dtype), k, input_precision=PREC)
+        dod = do.to(tl.float32) * q_w[:, None]
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        kd = k.to(tl.float32) * k_w[:, None]
+        if STATE_FP32:
+            dq += tl.dot(dod, ST, input_precision=PREC)
+            ST = ST * tl.exp(-slope * L.to(tl.float32)) + tl.dot(vT.to(tl.float32), kd, input_precision=PREC)
+        else:
+            dq += tl.dot(dod.to(do.dtype), ST.to(do.dtype), input_precision=PREC)
+            ST = ST * tl.exp(-slope * L.to(tl.float32)) + tl.dot(vT, kd.to(vT.dtype), input_precision=PREC)
+        dq = dq * scale
+        m_td = m_t[:, None] & m_d[None, :]
+        tl.store(dq_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_td)
+        if COMPUTE_DG:
+            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            g = tl.sum(q.to(tl.float32) * dq, axis=1)
+            tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+
+    # ---- dk: reverse walk, RT = R^T block [BE, BD]
+    RT = tl.load(gbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
+    nch = tl.cdiv(end - start, BT)
+    for c in range(0, nch):
+        cs = start + (nch - 1 - c) * BT
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        m_td = m_t[:, None] & m_d[None, :]
+        doT = tl.load(do_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
+        v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+        A2T = tl.dot(v, doT, input_precision=PREC) * tl.trans(decay)  # [j, i]
+        dk = tl.dot(A2T.to(q.dtype), q, input_precision=PREC) * scale
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        vd = v.to(tl.float32) * k_w[:, None]
+        qd = q.to(tl.float32) * (q_w * scale)[:, None]
+        if STATE_FP32:
+            dk += tl.dot(vd, RT, input_precision=PREC)
+            RT = RT * tl.exp(-slope * L.to(tl.float32)) + tl.dot(doT.to(tl.float32), qd, input_precision=PREC)
+        else:
+            dk += tl.dot(vd.to(v.dtype), RT.to(v.dtype), input_precision=PREC)
+            RT = RT * tl.exp(-slope * L.to(tl.float32)) + tl.dot(doT, qd.to(doT.dtype), input_precision=PREC)
+        tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+        if COMPUTE_DG:
+            k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            g = tl.sum(k.to(tl.float32) * dk, axis=1)
+            tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+
+
+@triton.jit
+def _bwd_dv_kernel(
+    q_ptr, k_ptr, do_ptr, dv_ptr, gbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    scale, T, H, D, E, NS, SEG_T,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr,
+):
+    """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block."""
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    i_e = pid % NEB
+    rest = pid // NEB
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    R = tl.load(gbuf_ptr + (pid_s.to(tl.int64) * H + h) * D * E + o_d[:, None] * E + o_e[None, :],
+                mask=m_d[:, None] & m_e[None, :], other=0.0)
+    diff = o_t[:, None] - o_t[None, :]  # [j, i] used as i - j below
+    causalT = diff <= 0  # j <= i
+    decayT = tl.where(causalT, tl.exp(-slope * tl.where(causalT, -diff, 0).to(tl.float32)), 0.0)
+    q_w = tl.exp(-slope * (o_t + 1).to(tl.float32)) * scale
+    nch = tl.cdiv(end - start, BT)
+    for c in range(0, nch):
+        cs = start + (nch - 1 - c) * BT
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        AT = tl.dot(k, qT, input_precision=PREC) * decayT  # [j, i]
+        dv = tl.dot(AT.to(do.dtype), do, input_precision=PREC) * scale
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        kd = k.to(tl.float32) * k_w[:, None]
+        qd = qT.to(tl.float32) * q_w[None, :]
+        if STATE_FP32:
+            dv += tl.dot(kd, R, input_precision=PREC)
+            R = R * tl.exp(-slope * L.to(tl.float32)) + tl.dot(qd, do.to(tl.float32), input_precision=PREC)
+        else:
+            dv += tl.dot(kd.to(k.dtype), R.to(k.dtype), input_precision=PREC)
+            R = R * tl.exp(-slope * L.to(tl.float32)) + tl.dot(qd.to(do.dtype), do, input_precision=PREC)
+        tl.store(dv_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_e[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """Segment layout of one call: sequences, segments and the tables the kernels read."""
+
+    def __init__(self, B: int, T: int, H: int, D: int, E: int, cu_seqlens, device, seg_chunks=None):
+        self.B, self.T, self.H, self.D, self.E = B, T, H, D, E
+        self.is_varlen = cu_seqlens is not None
+        if self.is_varlen:
+            offs = cu_seqlens.tolist()
+            self.N = len(offs) - 1
+            lens = [b - a for a, b in zip(offs, offs[1:])]
+        else:
+            self.N = B
+            lens = [T] * B
+        self.lens = lens
+        n_chunks = sum(triton.cdiv(L, CHUNK) for L in lens)
+        if seg_chunks is None:
+            seg_chunks = SEG_CHUNKS
+        if seg_chunks is None:
+            if device.type == "cuda":
+                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                neb = triton.cdiv(E, 64)
+                # enough programs for ~4 waves of the output kernel, segments of at most 32 chunks
+                seg_chunks = max(1, min(32, (n_chunks * H * neb) // (4 * sms)))
+            else:
+                seg_chunks = 4
+        self.seg_chunks = int(seg_chunks)
+        self.SEG_T = self.seg_chunks * CHUNK
+        if self.is_varlen:
+            nseg = [triton.cdiv(L, self.SEG_T) for L in lens]
+            segoff = [0]
+            for x in nseg:
+                segoff.append(segoff[-1] + x)
+            self.NSEG = segoff[-1]
+            self.NS = 0
+            seq, st = [], []
+            for n_, (a, m) in enumerate(zip(offs[:-1], nseg)):
+                seq += [n_] * m
+                st += [a + i * self.SEG_T for i in range(m)]
+            self.cu = cu_seqlens.to(device=device, dtype=torch.int32)
+            self.segoff = torch.tensor(segoff, dtype=torch.int32, device=device)
+            self.segseq = torch.tensor(seq if seq else [0], dtype=torch.int32, device=device)
+            self.segstart = torch.tensor(st if st else [0], dtype=torch.int32, device=device)
+        else:
+            self.NS = triton.cdiv(T, self.SEG_T)
+            self.NSEG = B * self.NS
+            self.cu = self.segoff = self.segseq = self.segstart = None
+
+    def t_local(self, device) -> torch.Tensor:
+        """[B*T] position of each token inside its sequence (fp32)."""
+        if not self.is_varlen:
+            return torch.arange(self.T, device=device, dtype=torch.float32).repeat(self.B)
+        lens = torch.tensor(self.lens, device=device)
+        ids = torch.repeat_interleave(torch.arange(self.N, device=device), lens)
+        return (torch.arange(self.T, device=device) - self.cu.long()[ids]).float()
+
+
+def _dummy(device):
+    return torch.empty(1, dtype=torch.int32, device=device)
+
+
+def _prec(dtype) -> str:
+    return FP32_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _blocks_state(D, E):
+    BD = min(64, _p2(D))
+    BE = min(64, _p2(E))
+    return BD, BE
+
+
+def _new(shape, dtype, device):
+    x = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        x.fill_(float("nan"))
+    return x
+
+
+def _warps(BD, BE):
+    return 8 if BD * BE >= 128 * 64 else 4
+
+
+def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
+    """[NSEG, H, D, E] fp32 segment contributions."""
+    H, D, E = plan.H, plan.D, plan.E
+    dev = a.device
+    out = torch.empty(plan.NSEG, H, D, E, dtype=torch.float32, device=dev)
+    if plan.NSEG == 0:
+        return out
+    BD, BE = _blocks_state(D, E)
+    grid = (plan.NSEG * H * triton.cdiv(D, BD) * triton.cdiv(E, BE),)
+    d = _dummy(dev)
+    _seg_state_kernel[grid](
+        a, b, slopes, out, plan.cu if plan.is_varlen else d, plan.segseq if plan.is_varlen else d,
+        plan.segstart if plan.is_varlen else d,
+        plan.T, H, D, E, plan.NS, plan.SEG_T, float(w_scale),
+        BT=CHUNK, BD=BD, BE=BE, FROM_END=from_end, IS_VARLEN=plan.is_varlen, PREC=prec,
+        num_warps=4,
+    )
+    return out
+
+
+def _scan(buf, init, slopes, plan, reverse, store_fin):
+    H, D, E = plan.H, plan.D, plan.E
+    dev = buf.device
+    fin = torch.empty(plan.N, H, D, E, dtype=torch.float32, device=dev) if store_fin else None
+    BD, BE = _blocks_state(D, E)
+    grid = (plan.N * H * triton.cdiv(D, BD) * triton.cdiv(E, BE),)
+    d = _dummy(dev)
+    _scan_kernel[grid](
+        buf, init if init is not None else d, fin if fin is not None else d, slopes,
+        plan.cu if plan.is_varlen else d, plan.segoff if plan.is_varlen else d,
+        plan.T, H, D, E, plan.NS, plan.SEG_T,
+        BD=BD, BE=BE, REVERSE=reverse, HAS_INIT=init is not None, STORE_FIN=store_fin,
+        IS_VARLEN=plan.is_varlen, num_warps=4,
+    )
+    return fin
+
+
+def _seg_args(plan, dev):
+    d = _dummy(dev)
+    if plan.is_varlen:
+        return plan.cu, plan.segseq, plan.segstart
+    return d, d, d
+
+
+def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
+    """Returns o, ht [N, H, D, E] fp32, hbuf (state entering each segment, for the backward)."""
+    H, D, E = plan.H, plan.D, plan.E
+    dev = q.device
+    prec = _prec(q.dtype)
+    state_fp32 = q.dtype != torch.bfloat16
+    hbuf = _seg_states(k, v, slopes, plan, 1.0, True, prec)
+    ht = _scan(hbuf, h0, slopes, plan, reverse=False, store_fin=True)
+    o = _new(v.shape, q.dtype, dev)
+    if plan.NSEG > 0:
+        BD = _p2(D)
+        BE = min(_p2(E), 64 if BD <= 128 else 32)
+        grid = (plan.NSEG * H * triton.cdiv(E, BE),)
+        _fwd_out_kernel[grid](
+            q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
+            float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
+            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec,
+            num_warps=_warps(BD, BE), num_stages=2,
+        )
+    return o, ht, hbuf
+
+
+def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, compute_dg):
+    """Returns dq, dk, dv, dh0 (or None), dG [B*T, H] fp32 (or None)."""
+    H, D, E = plan.H, plan.D, plan.E
+    dev = q.device
+    prec = _prec(q.dtype)
+    state_fp32 = q.dtype != torch.bfloat16
+    gbuf = _seg_states(q, do, slopes, plan, scale, False, prec)
+    dh0 = _scan(gbuf, dht, slopes, plan, reverse=True, store_fin=h0_given)
+    dq = _new(q.shape, q.dtype, dev)
+    dk = _new(k.shape, k.dtype, dev)
+    dv = _new(v.shape, v.dtype, dev)
+    ntok = q.shape[0] * q.shape[1]
+    dG = None
+    if plan.NSEG > 0:
+        BE = _p2(E)
+        BDq = min(_p2(D), 64 if BE <= 128 else 32)
+        NDB = triton.cdiv(D, BDq)
+        if compute_dg:
+            dgq = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
+            dgk = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
+        else:
+            dgq = dgk = _dummy(dev)
+        grid = (plan.NSEG * H * NDB,)
+        _bwd_dqdk_kernel[grid](
+            q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
+            float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
+            BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec,
+            COMPUTE_DG=compute_dg, num_warps=_warps(BDq, BE), num_stages=2,
+        )
+        BD = _p2(D)
+        BEv = min(_p2(E), 64 if BD <= 128 else 32)
+        grid = (plan.NSEG * H * triton.cdiv(E, BEv),)
+        _bwd_dv_kernel[grid](
+            q, k, do, dv, gbuf, slopes, *_seg_args(plan, dev),
+            float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
+            BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec,
+            num_warps=_warps(BD, BEv), num_stages=2,
+        )
+        if compute_dg:
+            dG = dgq.sum(0) - dgk.sum(0)
+    elif compute_dg:
+        dG = torch.zeros(ntok, H, dtype=torch.float32, device=dev)
+    return dq, dk, dv, dh0, dG
+
+
+class LightningAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, scale, initial_state, cu_seqlens, seg_chunks):
+        B, T, H, D = q.shape
+        E = v.shape[-1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        s = slopes.detach().float().contiguous()
+        h0 = initial_state.detach().float().contiguous() if initial_state is not None else None
+        plan = _Plan(B, T, H, D, E, cu_seqlens, q.device, seg_chunks)
+        o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan)
+        ctx.save_for_backward(q, k, v, s, hbuf, ht)
+        ctx.plan = plan
+        ctx.scale = scale
+        ctx.h0_given = initial_state is not None
+        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        ctx.slopes_dtype = slopes.dtype
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, s, hbuf, ht = ctx.saved_tensors
+        plan = ctx.plan
+        compute_dg = ctx.needs_input_grad[3]
+        if do is None:
+            do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+        do = do.contiguous()
+        dht_f = dht.float().contiguous() if dht is not None else None
+        dq, dk, dv, dh0, dG = lightning_attn_bwd(
+            q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, compute_dg
+        )
+        dslopes = None
+        if compute_dg:
+            w = plan.t_local(q.device) + 1.0  # [B*T]
+            ds = -(w[:, None] * dG).sum(0)
+            if dht_f is not None:
+                lens = torch.tensor(plan.lens, device=q.device, dtype=torch.float32)
+                ds = ds - (lens[:, None] * (dht_f * ht).sum((-1, -2))).sum(0)
+            dslopes = ds.to(ctx.slopes_dtype)
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        return dq, dk, dv, dslopes, None, dh0, None, None
+
+
+def chunk_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    scale: float,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    seg_chunks: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Triton Lightning Attention-2 (inputs validated by :func:`lightning_attn`).
+
+    q, k: [B, T, H, D]; v: [B, T, H, E]; slopes [H]; initial_state [N, H, D, E].
+    Returns o [B, T, H, E] (input dtype) and ht [N, H, D, E] fp32 (or None).
+    seg_chunks: chunks of 64 tokens per segment (None: chosen from the size and the GPU).
+    """
+    o, ht = LightningAttnFunction.apply(q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks)
+    return o, (ht if output_final_state else None)
