@@ -1,0 +1,125 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from seqpar.models import LitLM, TNLConfig  # noqa: E402
+from seqpar.models.lit import warmup_cosine  # noqa: E402
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, n, T=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        # a learnable stream: repeated short patterns
+        base = torch.randint(0, 256, (8,), generator=g)
+        self.items = []
+        for i in range(n):
+            x = base.roll(i).repeat(T // 8 + 1)[: T + 1]
+            self.items.append({"input_ids": x[:-1].clone(), "labels": x[1:].clone()})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_constructor_variants():
+    a = LitLM()
+    assert a.config == TNLConfig.preset("tiny")
+    b = LitLM("tiny", lr=1e-3)
+    c = LitLM(TNLConfig.preset("tiny").to_dict(), warmup_steps=3)
+    assert b.hparams.lr == 1e-3 and c.hparams.warmup_steps == 3 and c.config == a.config
+    assert isinstance(a.hparams.config, dict)
+    with pytest.raises(ValueError, match="lr"):
+        LitLM(lr=0.0)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        LitLM(min_lr_ratio=2.0)
+    with pytest.raises(TypeError, match="config"):
+        LitLM(config=3)
+
+
+def test_param_groups_no_decay_on_embeddings():
+    for tie in (False, True):
+        lit = LitLM(TNLConfig.preset("tiny", tie_embeddings=tie, learnable_slopes=True, bias=True))
+        decay, no_decay = lit.param_groups()
+        dec = {id(p) for p in decay["params"]}
+        names = {id(p): n for n, p in lit.model.named_parameters()}
+        assert id(lit.model.embed.weight) not in dec
+        assert all(".bias" not in names[i] and "slopes" not in names[i] for i in dec)
+        assert id(lit.model.layers[0].token_mixer.q_proj.weight) in dec
+        assert (id(lit.model.lm_head.weight) in dec) == (not tie)
+        total = len(decay["params"]) + len(no_decay["params"])
+        assert total == len(list(lit.model.parameters()))
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 110, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(0, 0, 10, 0.0) == pytest.approx(1.0)
+
+
+def test_attach_sp_group_from_strategy():
+    lit = LitLM()
+    lit._trainer = SimpleNamespace(strategy=SimpleNamespace(sp_group="G"))
+    lit.setup("fit")
+    assert lit.model.sp_group == "G"
+
+    class Mesh:
+        mesh_dim_names = ("dp", "sp")
+
+        def __getitem__(self, name):
+            assert name == "sp"
+            return SimpleNamespace(get_group=lambda: "MESH_SP")
+
+    lit._trainer = SimpleNamespace(strategy=SimpleNamespace(device_mesh=Mesh()))
+    lit.setup("fit")
+    assert lit.model.sp_group == "MESH_SP"
+    lit._trainer = SimpleNamespace(strategy=SimpleNamespace())  # plain strategy: no SP
+    lit.setup("fit")
+    assert lit.model.sp_group is None
+    lit._trainer = None
+
+
+def test_bad_batch():
+    lit = LitLM()
+    with pytest.raises(ValueError, match="input_ids"):
+        lit.training_step({"tokens": torch.zeros(1, 4, dtype=torch.long)}, 0)
+
+
+def test_trainer_fit_logs_and_learns(tmp_path):
+    torch.manual_seed(0)
+    lit = LitLM(TNLConfig.preset("tiny"), lr=3e-3, warmup_steps=2, max_steps=30, weight_decay=0.0)
+    dl = torch.utils.data.DataLoader(_Batches(16), batch_size=4)
+    val = torch.utils.data.DataLoader(_Batches(4, seed=0), batch_size=4)
+    with torch.no_grad():
+        before = lit.model(**{k: torch.stack([b[k] for b in val.dataset.items]) for k in ("input_ids", "labels")}).loss
+    trainer = pl.Trainer(
+        max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, val_check_interval=None,
+        check_val_every_n_epoch=100, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(lit, dl)
+    m = trainer.callback_metrics
+    for key in ("train/loss", "train/lr", "train/tokens_per_s", "train/tokens_per_gpu_per_s"):
+        assert key in m, (key, sorted(m))
+    assert float(m["train/tokens_per_s"]) == pytest.approx(float(m["train/tokens_per_gpu_per_s"]))
+    assert float(m["train/lr"]) == pytest.approx(3e-3 * warmup_cosine(29, 2, 30, 0.1))
+    trainer.validate(lit, val, verbose=False)
+    after = trainer.callback_metrics["val/loss"]
+    assert math.isfinite(float(after)) and float(after) < 0.5 * float(before)
+    # checkpoint round trip rebuilds the config from the saved dict
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    re = LitLM.load_from_checkpoint(path)
+    assert re.config == lit.config
+    for (n, p), q in zip(lit.model.state_dict().items(), re.model.state_dict().values()):
+        assert torch.equal(p, q), n
