@@ -54,6 +54,16 @@ def _p2(n: int) -> int:
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UP: tl.constexpr):
+    """tl.dot with fp32 accumulation; UP: upcast operands to fp32 first (the CPU interpreter of
+    triton 3.9 computes bf16 dots on the raw uint16 bits)."""
+    if UP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN: tl.constexpr):
     """(sequence index, first token of the sequence, segment start, segment end) in flat tokens."""
     if IS_VARLEN:
@@ -70,12 +80,12 @@ def _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN
     return n, bos, start, end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NS"])
 def _seg_state_kernel(
     a_ptr, b_ptr, slopes_ptr, out_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     T, H, D, E, NS, SEG_T, w_scale,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    FROM_END: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    FROM_END: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
     """out[seg, h] = w_scale * sum_t w_t a_t^T b_t over the tokens of one segment.
 
@@ -112,13 +122,13 @@ def _seg_state_kernel(
             ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
         w = tl.exp(-slope * ex)
         aT = (aT.to(tl.float32) * w[None, :]).to(bb.dtype)
-        acc += tl.dot(aT, bb, input_precision=PREC)
+        acc += _dot(aT, bb, PREC, UP)
     acc = acc * w_scale
     base = (pid_s.to(tl.int64) * H + h) * D * E
     tl.store(out_ptr + base + o_d[:, None] * E + o_e[None, :], acc, mask=m_d[:, None] & m_e[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NS"])
 def _scan_kernel(
     buf_ptr, init_ptr, fin_ptr, slopes_ptr, cu_ptr, segoff_ptr,
     T, H, D, E, NS, SEG_T,
@@ -174,12 +184,12 @@ def _scan_kernel(
         tl.store(fin_ptr + nh + off, state, mask=msk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NS"])
 def _fwd_out_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, hbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     NEB = tl.cdiv(E, BE)
@@ -209,29 +219,29 @@ def _fwd_out_kernel(
         q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
         kT = tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
         v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
-        A = tl.dot(q, kT, input_precision=PREC) * decay
-        o = tl.dot(A.to(v.dtype), v, input_precision=PREC)
+        A = _dot(q, kT, PREC, UP) * decay
+        o = _dot(A.to(v.dtype), v, PREC, UP)
         qd = q.to(tl.float32) * q_w[:, None]
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         kd = kT.to(tl.float32) * k_w[None, :]
         if STATE_FP32:
-            o += tl.dot(qd, S, input_precision=PREC)
-            S = S * tl.exp(-slope * L.to(tl.float32)) + tl.dot(kd, v.to(tl.float32), input_precision=PREC)
+            o += _dot(qd, S, PREC, UP)
+            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kd, v.to(tl.float32), PREC, UP)
         else:
-            o += tl.dot(qd.to(q.dtype), S.to(q.dtype), input_precision=PREC)
-            S = S * tl.exp(-slope * L.to(tl.float32)) + tl.dot(kd.to(v.dtype), v, input_precision=PREC)
+            o += _dot(qd.to(q.dtype), S.to(q.dtype), PREC, UP)
+            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kd.to(v.dtype), v, PREC, UP)
         o = o * scale
         tl.store(o_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_e[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NS", "NTOK"])
 def _bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, hbuf_ptr, gbuf_ptr, dgq_ptr, dgk_ptr,
     slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T, NTOK,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, COMPUTE_DG: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
 ):
     """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
 
@@ -268,17 +278,17 @@ def _bwd_dqdk_kernel(
         do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         vT = tl.load(v_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
         k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        A2 = tl.dot(do, vT, input_precision=PREC) * decay  # [i, j]
-        dq = tl.dot(A2.to(k.dtype), k, input_precision=PREC)
+        A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
+        dq = _dot(A2.to(k.dtype), k, PREC, UP)
         dod = do.to(tl.float32) * q_w[:, None]
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         kd = k.to(tl.float32) * k_w[:, None]
         if STATE_FP32:
-            dq += tl.dot(dod, ST, input_precision=PREC)
-            ST = ST * tl.exp(-slope * L.to(tl.float32)) + tl.dot(vT.to(tl.float32), kd, input_precision=PREC)
+            dq += _dot(dod, ST, PREC, UP)
+            ST = ST * tl.exp(-slope * L.to(tl.float32)) + _dot(vT.to(tl.float32), kd, PREC, UP)
         else:
-            dq += tl.dot(dod.to(do.dtype), ST.to(do.dtype), input_precision=PREC)
-            ST = ST * tl.exp(-slope * L.to(tl.float32)) + tl.dot(vT, kd.to(vT.dtype), input_precision=PREC)
+            dq += _dot(dod.to(do.dtype), ST.to(do.dtype), PREC, UP)
+            ST = ST * tl.exp(-slope * L.to(tl.float32)) + _dot(vT, kd.to(vT.dtype), PREC, UP)
         dq = dq * scale
         m_td = m_t[:, None] & m_d[None, :]
         tl.store(dq_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_td)
@@ -300,17 +310,17 @@ def _bwd_dqdk_kernel(
         doT = tl.load(do_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
         v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
-        A2T = tl.dot(v, doT, input_precision=PREC) * tl.trans(decay)  # [j, i]
-        dk = tl.dot(A2T.to(q.dtype), q, input_precision=PREC) * scale
+        A2T = _dot(v, doT, PREC, UP) * tl.trans(decay)  # [j, i]
+        dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         vd = v.to(tl.float32) * k_w[:, None]
         qd = q.to(tl.float32) * (q_w * scale)[:, None]
         if STATE_FP32:
-            dk += tl.dot(vd, RT, input_precision=PREC)
-            RT = RT * tl.exp(-slope * L.to(tl.float32)) + tl.dot(doT.to(tl.float32), qd, input_precision=PREC)
+            dk += _dot(vd, RT, PREC, UP)
+            RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT.to(tl.float32), qd, PREC, UP)
         else:
-            dk += tl.dot(vd.to(v.dtype), RT.to(v.dtype), input_precision=PREC)
-            RT = RT * tl.exp(-slope * L.to(tl.float32)) + tl.dot(doT, qd.to(doT.dtype), input_precision=PREC)
+            dk += _dot(vd.to(v.dtype), RT.to(v.dtype), PREC, UP)
+            RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT, qd.to(doT.dtype), PREC, UP)
         tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
         if COMPUTE_DG:
             k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
@@ -318,12 +328,12 @@ def _bwd_dqdk_kernel(
             tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NS"])
 def _bwd_dv_kernel(
     q_ptr, k_ptr, do_ptr, dv_ptr, gbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
     """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block."""
     pid = tl.program_id(0)
@@ -356,17 +366,17 @@ def _bwd_dv_kernel(
         k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
         qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
         do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
-        AT = tl.dot(k, qT, input_precision=PREC) * decayT  # [j, i]
-        dv = tl.dot(AT.to(do.dtype), do, input_precision=PREC) * scale
+        AT = _dot(k, qT, PREC, UP) * decayT  # [j, i]
+        dv = _dot(AT.to(do.dtype), do, PREC, UP) * scale
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         kd = k.to(tl.float32) * k_w[:, None]
         qd = qT.to(tl.float32) * q_w[None, :]
         if STATE_FP32:
-            dv += tl.dot(kd, R, input_precision=PREC)
-            R = R * tl.exp(-slope * L.to(tl.float32)) + tl.dot(qd, do.to(tl.float32), input_precision=PREC)
+            dv += _dot(kd, R, PREC, UP)
+            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qd, do.to(tl.float32), PREC, UP)
         else:
-            dv += tl.dot(kd.to(k.dtype), R.to(k.dtype), input_precision=PREC)
-            R = R * tl.exp(-slope * L.to(tl.float32)) + tl.dot(qd.to(do.dtype), do, input_precision=PREC)
+            dv += _dot(kd.to(k.dtype), R.to(k.dtype), PREC, UP)
+            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qd.to(do.dtype), do, PREC, UP)
         tl.store(dv_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_e[None, :])
 
@@ -436,6 +446,10 @@ def _dummy(device):
     return torch.empty(1, dtype=torch.int32, device=device)
 
 
+def _up(x) -> bool:
+    return x.dtype == torch.bfloat16 and not x.is_cuda
+
+
 def _prec(dtype) -> str:
     return FP32_PRECISION if dtype == torch.float32 else "tf32"
 
@@ -471,7 +485,7 @@ def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
         a, b, slopes, out, plan.cu if plan.is_varlen else d, plan.segseq if plan.is_varlen else d,
         plan.segstart if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T, float(w_scale),
-        BT=CHUNK, BD=BD, BE=BE, FROM_END=from_end, IS_VARLEN=plan.is_varlen, PREC=prec,
+        BT=CHUNK, BD=BD, BE=BE, FROM_END=from_end, IS_VARLEN=plan.is_varlen, PREC=prec, UP=_up(a),
         num_warps=4,
     )
     return out
@@ -517,7 +531,7 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
         _fwd_out_kernel[grid](
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
-            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec,
+            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
             num_warps=_warps(BD, BE), num_stages=2,
         )
     return o, ht, hbuf
@@ -549,7 +563,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
         _bwd_dqdk_kernel[grid](
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
-            BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec,
+            BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
             COMPUTE_DG=compute_dg, num_warps=_warps(BDq, BE), num_stages=2,
         )
         BD = _p2(D)
@@ -558,7 +572,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
         _bwd_dv_kernel[grid](
             q, k, do, dv, gbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
-            BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec,
+            BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
             num_warps=_warps(BD, BEv), num_stages=2,
         )
         if compute_dg:

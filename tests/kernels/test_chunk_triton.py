@@ -1,0 +1,257 @@
+"""The Triton backend (chunk.py) against the float64 quadratic reference: o, ht and every gradient.
+
+On a machine without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1) on CPU tensors, so the shapes stay small; with a GPU the same tests run on CUDA.
+Outputs are NaN-poisoned before the kernels run (chunk.POISON), so an element that no program writes
+fails the comparison. Small segments (SEG_CHUNKS) make every case cross several segments, so the
+segment scan, the carried state and the reverse scan are exercised as on long sequences.
+
+Tolerances (relative error ||x - ref|| / ||ref||):
+* fp32: 1e-4 (fp32 dots: the interpreter, or input_precision="ieee" on GPU; measured ~1e-7).
+* bf16 / fp16: max(1e-2, 2 x the error of the naive torch implementation run in that dtype).
+* dslopes is a sum of large terms of both signs (q.dq - k.dk cancel to O(lambda) under strong decay),
+  so its error is also allowed an absolute part relative to the magnitude of those terms.
+"""
+import importlib
+
+import pytest
+import torch
+
+from seqpar import lightning_attn
+from seqpar.kernels.lightning_attn import naive_quadratic_lightning_attn
+
+chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+SLOPES = {
+    "zero": lambda H: torch.zeros(H),
+    "weak": lambda H: torch.linspace(1e-3, 0.05, H),
+    "strong": lambda H: torch.linspace(0.5, 10.0, H),
+    "extreme": lambda H: torch.linspace(10.0, 30.0, H),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_small_segments(monkeypatch):
+    monkeypatch.setattr(chunk, "POISON", True)
+    monkeypatch.setattr(chunk, "SEG_CHUNKS", 1)
+    monkeypatch.setattr(chunk, "FP32_PRECISION", "ieee")
+    yield
+
+
+def rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _t_local(B, T, cu):
+    if cu is None:
+        return torch.arange(T, dtype=torch.float64).repeat(B)
+    cu = cu.tolist()
+    return torch.cat([torch.arange(b - a, dtype=torch.float64) for a, b in zip(cu, cu[1:])])
+
+
+def _run(q, k, v, s, h0, cu, do, dht, backend_fn):
+    """Forward + backward of backend_fn; returns o, ht and the gradients of the leaves."""
+    leaves = [q, k, v, s] + ([h0] if h0 is not None else [])
+    leaves = [x.detach().clone().requires_grad_(True) for x in leaves]
+    q_, k_, v_, s_ = leaves[:4]
+    h0_ = leaves[4] if h0 is not None else None
+    o, ht = backend_fn(q_, k_, v_, s_, h0_, cu)
+    loss = (o.double() * do.double()).sum()
+    if dht is not None:
+        loss = loss + (ht.double() * dht.double()).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return o.detach(), ht.detach(), list(grads)
+
+
+def _triton(q, k, v, s, h0, cu):
+    return lightning_attn(q, k, v, s, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton")
+
+
+def _naive(q, k, v, s, h0, cu):
+    return naive_quadratic_lightning_attn(q, k, v, s, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+
+
+def _make(B, T, H, D, E, dtype, decay, with_h0, cu=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = B if cu is None else cu.numel() - 1
+    q = torch.randn(B, T, H, D, generator=g).to(dtype)
+    k = torch.randn(B, T, H, D, generator=g).to(dtype)
+    v = torch.randn(B, T, H, E, generator=g).to(dtype)
+    s = SLOPES[decay](H).float()
+    h0 = torch.randn(N, H, D, E, generator=g) if with_h0 else None
+    do = torch.randn(B, T, H, E, generator=g).to(dtype)
+    dht = torch.randn(N, H, D, E, generator=g)
+    return q, k, v, s, h0, do, dht
+
+
+def _check(B, T, H, D, E, dtype, decay, with_h0, with_dht, cu=None, seed=0):
+    q, k, v, s, h0, do, dht = _make(B, T, H, D, E, dtype, decay, with_h0, cu, seed)
+    dht = dht if with_dht else None
+    dev = lambda x: x.to(DEV) if x is not None else None  # noqa: E731
+    cu_d = dev(cu)
+    o, ht, grads = _run(dev(q), dev(k), dev(v), dev(s), dev(h0), cu_d, dev(do), dev(dht), _triton)
+    assert o.dtype == dtype and o.shape == (B, T, H, E)
+    assert ht.dtype == torch.float32 and ht.shape == (B if cu is None else cu.numel() - 1, H, D, E)
+    for x in [o, ht] + grads:
+        assert torch.isfinite(x).all(), "NaN/inf (unwritten output or overflow)"
+
+    f64 = lambda x: x.double() if x is not None else None  # noqa: E731
+    o_r, ht_r, grads_r = _run(f64(q), f64(k), f64(v), f64(s), f64(h0), cu, do, dht, _naive)
+
+    names = ["dq", "dk", "dv", "dslopes", "dh0"]
+    if dtype == torch.float32:
+        tols = {n: 1e-4 for n in ["o", "ht"] + names}
+        abs_ds = 1e-6
+    else:
+        # the naive implementation in the same low precision, against the same fp64 reference
+        o_l, ht_l, grads_l = _run(q, k, v, s, h0, cu, do, dht, _naive)
+        errs = {"o": rel(o_l, o_r), "ht": rel(ht_l, ht_r)}
+        errs.update({n: rel(g, gr) for n, g, gr in zip(names, grads_l, grads_r)})
+        tols = {n: max(1e-2, 2 * e) for n, e in errs.items()}
+        abs_ds = 1e-3
+
+    report = {"o": rel(o.cpu(), o_r), "ht": rel(ht.cpu(), ht_r)}
+    for n, g, gr in zip(names, grads, grads_r):
+        report[n] = rel(g.cpu(), gr)
+    for n in ["o", "ht", "dq", "dk", "dv", "dh0"]:
+        if n in report:
+            assert report[n] <= tols[n], (n, report, tols)
+    # dslopes: relative, plus an absolute part scaled by the magnitude of the summed terms
+    tl_ = _t_local(B, T, cu) + 1.0
+    dq_r, dk_r = grads_r[0], grads_r[1]
+    qdq = (q.double() * dq_r).sum(-1).abs().reshape(-1, H)
+    kdk = (k.double() * dk_r).sum(-1).abs().reshape(-1, H)
+    mag = (tl_[:, None] * (qdq + kdk)).sum(0)
+    err = (grads[3].cpu().double() - grads_r[3]).norm()
+    assert err <= tols["dslopes"] * grads_r[3].norm() + abs_ds * mag.norm(), (report, err, mag.norm())
+    return report
+
+
+@pytest.mark.parametrize(
+    "B,T,H,D,E,decay,with_h0,with_dht",
+    [
+        (2, 1, 2, 16, 16, "weak", True, True),
+        (1, 63, 2, 64, 64, "strong", False, False),
+        (2, 65, 2, 16, 32, "zero", True, True),
+        (1, 65, 1, 96, 64, "weak", True, False),
+        (1, 130, 2, 128, 96, "strong", True, True),
+        (1, 200, 2, 32, 16, "extreme", False, True),
+        (1, 257, 1, 64, 128, "weak", False, False),
+    ],
+)
+def test_fp32_matches_reference(B, T, H, D, E, decay, with_h0, with_dht):
+    _check(B, T, H, D, E, torch.float32, decay, with_h0, with_dht)
+
+
+@pytest.mark.parametrize(
+    "B,T,H,D,E,decay,with_h0,with_dht",
+    [
+        (1, 65, 2, 64, 64, "weak", True, True),
+        (1, 130, 1, 128, 96, "strong", False, True),
+    ],
+)
+def test_bf16_matches_reference(B, T, H, D, E, decay, with_h0, with_dht):
+    _check(B, T, H, D, E, torch.bfloat16, decay, with_h0, with_dht)
+
+
+def test_fp16_matches_reference():
+    _check(1, 70, 2, 32, 48, torch.float16, "weak", True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_matches_reference(dtype):
+    # odd lengths, an empty document, a one-token document, a document spanning several segments
+    cu = torch.tensor([0, 7, 7, 140, 141, 170], dtype=torch.int32)
+    _check(1, 170, 2, 32, 16, dtype, "weak" if dtype == torch.float32 else "strong", True, True, cu=cu)
+
+
+def test_varlen_equals_separate_calls():
+    """Each packed document gives exactly what a separate dense call gives."""
+    cu = torch.tensor([0, 33, 33, 100], dtype=torch.int32)
+    q, k, v, s, h0, _, _ = _make(1, 100, 2, 16, 16, torch.float32, "weak", True, cu)
+    dev = lambda x: x.to(DEV)  # noqa: E731
+    o, ht = _triton(dev(q), dev(k), dev(v), dev(s), dev(h0), dev(cu))
+    for n, (a, b) in enumerate([(0, 33), (33, 33), (33, 100)]):
+        if b > a:
+            on, hn = _triton(dev(q[:, a:b]), dev(k[:, a:b]), dev(v[:, a:b]), dev(s), dev(h0[n : n + 1]), None)
+            assert torch.allclose(o[:, a:b], on, atol=1e-5, rtol=1e-5)
+            assert torch.allclose(ht[n : n + 1], hn, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(ht[n].cpu(), h0[n])  # empty document: ht = h0
+
+
+def test_no_slope_grad_and_no_final_state():
+    """slopes without requires_grad skips the dG work; output_final_state=False returns None."""
+    q, k, v, s, h0, do, _ = _make(1, 70, 2, 16, 16, torch.float32, "weak", True)
+    dev = lambda x: x.to(DEV)  # noqa: E731
+    qd, kd, vd = (dev(x).clone().requires_grad_(True) for x in (q, k, v))
+    o, ht = lightning_attn(qd, kd, vd, dev(s), initial_state=dev(h0), backend="triton")
+    assert ht is None
+    (o * dev(do)).sum().backward()
+    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    o_r, _ = naive_quadratic_lightning_attn(*leaves, s.double(), initial_state=h0.double())
+    (o_r * do.double()).sum().backward()
+    assert rel(o.detach().cpu(), o_r) < 1e-4
+    for a, b in zip((qd, kd, vd), leaves):
+        assert rel(a.grad.cpu(), b.grad) < 1e-4
+
+
+def test_segment_length_does_not_change_the_result(monkeypatch):
+    q, k, v, s, h0, _, _ = _make(1, 300, 2, 16, 16, torch.float32, "strong", True)
+    dev = lambda x: x.to(DEV)  # noqa: E731
+    outs = []
+    for seg in (1, 2, 8):
+        monkeypatch.setattr(chunk, "SEG_CHUNKS", seg)
+        outs.append(_triton(dev(q), dev(k), dev(v), dev(s), dev(h0), None))
+    for o, ht in outs[1:]:
+        assert torch.allclose(o, outs[0][0], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(ht, outs[0][1], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_long_sequence_against_torch_chunk(dtype, monkeypatch):
+    """Long T, D=128, automatic segment size, against the torch chunked backend in fp64."""
+    monkeypatch.setattr(chunk, "SEG_CHUNKS", None)
+    B, T, H, D = 2, 4099, 4, 128
+    q, k, v, s, h0, do, dht = _make(B, T, H, D, D, dtype, "weak", True)
+    s = torch.linspace(0.0, 0.2, H)
+    cuda = lambda x: x.cuda()  # noqa: E731
+    o, ht, grads = _run(cuda(q), cuda(k), cuda(v), cuda(s), cuda(h0), None, cuda(do), cuda(dht), _triton)
+    ref = lambda q, k, v, s, h0, cu: lightning_attn(  # noqa: E731
+        q, k, v, s, initial_state=h0, output_final_state=True, backend="torch"
+    )
+    f64 = lambda x: x.double().cuda()  # noqa: E731
+    o_r, ht_r, grads_r = _run(f64(q), f64(k), f64(v), f64(s), f64(h0), None, cuda(do), cuda(dht), ref)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert rel(o, o_r) < tol and rel(ht, ht_r) < tol
+    for n, g, gr in zip(["dq", "dk", "dv", "dslopes", "dh0"], grads, grads_r):
+        assert torch.isfinite(g).all(), n
+        if n != "dslopes":
+            assert rel(g, gr) < tol, (n, rel(g, gr))
+
+
+@pytest.mark.gpu
+def test_gpu_no_recompile_per_T():
+    """A new T reuses the compiled kernels (T is a runtime argument, not specialised)."""
+    H, D = 2, 64
+    dev = "cuda"
+    sizes = []
+    for T in (1000, 1001, 2048, 3333):
+        q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
+        lightning_attn(q, q, q, torch.full((H,), 0.1, device=dev), backend="triton")
+        torch.cuda.synchronize()
+        sizes.append(_n_compiled(chunk._fwd_out_kernel))
+    assert sizes[-1] == sizes[0], sizes
+
+
+def _n_compiled(fn):
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None:
+        return sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in caches.values())
+    return sum(len(c) for c in fn.cache.values())
