@@ -257,6 +257,7 @@ class TransNormerLLM(nn.Module):
     # -- init / bookkeeping
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """(Re-)initialise every weight and the decay slopes (use after ``to_empty`` from meta)."""
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers) if self.config.scaled_init else std
         for m in self.modules():
@@ -266,10 +267,14 @@ class TransNormerLLM(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, 0.0, std)
+        # slopes too: after ``to_empty()`` (meta-device init) the non-persistent buffer is garbage
         for layer in self.layers:
             att = layer.token_mixer
+            values = torch.tensor(att._slope_values, dtype=torch.float32)
             if self.config.learnable_slopes:
-                att.log_slopes.copy_(torch.tensor(att._slope_values, dtype=torch.float32).log())
+                att.log_slopes.copy_(values.log())
+            else:
+                att.slopes_buf.copy_(values)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of (distinct) parameters; works on the meta device."""
@@ -402,13 +407,22 @@ class TransNormerLLM(nn.Module):
         return [torch.zeros(batch_size, c.n_heads, c.head_dim, c.head_dim, dtype=torch.float32, device=device)
                 for _ in self.layers]
 
-    def step(self, input_ids: torch.Tensor, states: Sequence[torch.Tensor]):
-        """Decode one token per sequence with O(1) state: input_ids [B] -> (logits [B, V], new states)."""
+    def step(self, input_ids: torch.Tensor, states: Sequence[torch.Tensor], check: bool = True):
+        """Decode one token per sequence with O(1) state: input_ids [B] -> (logits [B, V], new states).
+
+        ``states`` holds one fp32 [B, H, D, E] tensor per layer (``init_states`` or a prefill's
+        ``final_states``); they are not modified in place. ``check=False`` skips the id range check.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.dim() == 2 and input_ids.shape[1] == 1:
             input_ids = input_ids[:, 0]
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids of step must be [B] or [B, 1], got shape {tuple(input_ids.shape)}")
-        self._check_inputs(input_ids[:, None], None, None)
+        if len(states) != len(self.layers):
+            raise ValueError(f"states must hold one state per layer ({len(self.layers)}), got {len(states)}")
+        if check:
+            self._check_inputs(input_ids[:, None], None, None)
         x = self.embed(input_ids)
         new_states = []
         for layer, S in zip(self.layers, states):
@@ -470,7 +484,7 @@ class TransNormerLLM(nn.Module):
                 nxt = self._sample(logits.float(), temperature, top_k, generator)
                 ids.append(nxt[:, None])
                 if i + 1 < max_new_tokens:
-                    logits, states = self.step(nxt, states)
+                    logits, states = self.step(nxt, states, check=False)  # sampled ids are in range
         finally:
             self.train(was_training)
         result = torch.cat(ids, 1)

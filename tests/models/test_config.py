@@ -111,3 +111,14 @@ def test_learnable_slopes_get_gradients():
     att = m.layers[0].token_mixer
     assert att.log_slopes.grad is not None and torch.isfinite(att.log_slopes.grad).all()
     assert torch.allclose(att.slopes, torch.tensor(layer_slopes(c, 0)))
+
+
+def test_meta_init_then_materialise():
+    cfg = TNLConfig.preset("tiny")
+    with torch.device("meta"):
+        m = TransNormerLLM(cfg)
+    m.to_empty(device="cpu")
+    m.reset_parameters()
+    assert torch.equal(m.layers[1].token_mixer.slopes, torch.tensor(layer_slopes(cfg, 1)))
+    out = m(torch.randint(0, 256, (2, 9)), labels=torch.randint(0, 256, (2, 9)))
+    assert torch.isfinite(out.loss) and abs(out.loss.item() - 5.545) < 0.5

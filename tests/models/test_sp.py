@@ -72,7 +72,6 @@ def _worker(rank, world, port, state_path, out_dir):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sp_loss_and_grads_match_single_process(world, tmp_path):
-    pytest.importorskip("seqpar.distributed")
     torch.manual_seed(0)
     ref_model = TransNormerLLM(_cfg()).double()
     state_path = str(tmp_path / "state.pt")
