@@ -160,6 +160,7 @@ class _Exchange:
         self.cdev = comm.comm_device(group, device)  # where the comm buffers live
         self.work = None
         self.buf = None
+        self.sendbuf = None
         self.sends: List = []
         self.M = None
         self.a = None
@@ -187,8 +188,8 @@ class _Start(torch.autograd.Function):
         ex.shape = M.shape
         r, P = ex.rank, ex.P
         if ex.mode == "allgather":
-            flat = torch.cat([M.reshape(-1), a.reshape(-1)])
-            ex.buf, ex.work = comm.all_gather_flat(ex.to_comm(flat), ex.group, async_op=True)
+            ex.sendbuf = ex.to_comm(torch.cat([M.reshape(-1), a.reshape(-1)]))  # alive until the wait
+            ex.buf, ex.work = comm.all_gather_flat(ex.sendbuf, ex.group, async_op=True)
         else:
             ex.M, ex.a = M, a
             if r > 0:
@@ -220,7 +221,7 @@ class _Start(torch.autograd.Function):
                 ex.sends.append(comm.isend(ex.to_comm(Gr), ex.group, r - 1))
             ex.wait_sends()
         da = (G * ex.H).sum((0, 2, 3))
-        ex.buf = ex.work = ex.dH = ex.H = ex.a_all = ex.M = ex.a = None
+        ex.buf = ex.work = ex.sendbuf = ex.dH = ex.H = ex.a_all = ex.M = ex.a = None
         return G, da, None
 
 
@@ -239,7 +240,7 @@ class _Finish(torch.autograd.Function):
             for j in range(r):
                 Hs = a_all[j].view(1, -1, 1, 1) * Hs + M_all[j]
             ex.a_all = a_all.clone()
-            ex.buf = ex.work = None
+            ex.buf = ex.work = ex.sendbuf = None
         else:
             if r > 0:
                 ex.work.wait()
@@ -263,7 +264,8 @@ class _Finish(torch.autograd.Function):
         r, P = ex.rank, ex.P
         dH = dH.contiguous()
         if ex.mode == "allgather":
-            ex.buf, ex.work = comm.all_gather_flat(ex.to_comm(dH.reshape(-1)), ex.group, async_op=True)
+            ex.sendbuf = ex.to_comm(dH.reshape(-1))
+            ex.buf, ex.work = comm.all_gather_flat(ex.sendbuf, ex.group, async_op=True)
         else:
             ex.dH = dH
             if r < P - 1:

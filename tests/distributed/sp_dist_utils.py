@@ -45,7 +45,7 @@ def run_workers(fn, world: int, *args, backend: str = "gloo") -> None:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
