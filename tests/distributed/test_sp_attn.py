@@ -162,6 +162,60 @@ def test_sp_errors_and_sharding():
     run_workers(_worker_errors, 2)
 
 
+class _Log(torch.autograd.Function):
+    """Identity that records when its backward runs."""
+
+    @staticmethod
+    def forward(ctx, x, log, name):
+        ctx.log, ctx.name = log, name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dx):
+        ctx.log.append(ctx.name)
+        return dx, None, None
+
+
+def _worker_overlap(rank, world):
+    """The exchange is in flight while the local kernel runs, in forward and in backward."""
+    from seqpar.distributed import sp_attn
+
+    log = []
+    S, F = sp_attn._Start.__dict__, sp_attn._Finish.__dict__  # staticmethod objects, restored as such
+    orig = (sp_attn.lightning_attn, S["forward"], S["backward"], F["forward"], F["backward"])
+
+    def kernel(q, *a, **kw):
+        log.append("kernel.fwd")
+        o, ht = orig[0](_Log.apply(q, log, "kernel.bwd"), *a, **kw)
+        return o, ht
+
+    def wrap(fn, name):
+        def f(ctx, *a):
+            log.append(name)
+            return fn.__func__(ctx, *a)
+        return staticmethod(f)
+
+    sp_attn.lightning_attn = kernel
+    sp_attn._Start.forward = wrap(orig[1], "start.fwd")
+    sp_attn._Start.backward = wrap(orig[2], "start.bwd")
+    sp_attn._Finish.forward = wrap(orig[3], "finish.fwd")
+    sp_attn._Finish.backward = wrap(orig[4], "finish.bwd")
+    try:
+        for mode in ("allgather", "ring"):
+            log.clear()
+            check_case(None, [8, 8], mode=mode, seed=11, tag="overlap")
+            expect = ["start.fwd", "kernel.fwd", "finish.fwd", "finish.bwd", "kernel.bwd", "start.bwd"]
+            order = [e for e in log if e in expect]
+            assert order == expect, (mode, log)
+    finally:
+        (sp_attn.lightning_attn, sp_attn._Start.forward, sp_attn._Start.backward,
+         sp_attn._Finish.forward, sp_attn._Finish.backward) = orig
+
+
+def test_sp_exchange_overlaps_local_kernel():
+    run_workers(_worker_overlap, 2)
+
+
 # ------------------------------------------------------------------------------------------
 # GPU (NCCL): skipped without >= 2 GPUs
 # ------------------------------------------------------------------------------------------
