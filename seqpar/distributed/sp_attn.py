@@ -146,6 +146,18 @@ class _StateCorrection(torch.autograd.Function):
         return dq, dH, (ds.to(slopes.dtype) if need_s else None), None
 
 
+class _Attach(torch.autograd.Function):
+    """Returns o unchanged but keeps H in the graph (zero gradient): H's backward exchange still runs."""
+
+    @staticmethod
+    def forward(ctx, o, Hs):
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        return do, None
+
+
 # --------------------------------------------------------------------------------------------
 # The exchange: _Start (launch) and _Finish (wait), sharing one Python object
 # --------------------------------------------------------------------------------------------
@@ -282,7 +294,7 @@ class _Finish(torch.autograd.Function):
 
 
 def local_cu_seqlens(
-    cu_seqlens: torch.Tensor, offset: int, length: int
+    cu_seqlens, offset: int, length: int
 ) -> Tuple[Optional[torch.Tensor], int, int, bool]:
     """Local view of global document offsets for the shard ``[offset, offset + length)``.
 
@@ -292,12 +304,14 @@ def local_cu_seqlens(
     last one (0 if none: the whole shard feeds the outgoing state), ``resets`` whether any document
     starts in the shard (then the incoming state does not flow through it: a_r = 0).
     """
-    bounds = [int(b) - offset for b in cu_seqlens.tolist()]
+    cu_list = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    bounds = [int(b) - offset for b in cu_list]
     starts = sorted({b for b in bounds if 0 <= b < length})
     inner = sorted({b for b in starts if b > 0})
     local = None
     if inner:
-        local = torch.tensor([0] + inner + [length], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+        like = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else torch.empty(0, dtype=torch.int32)
+        local = torch.tensor([0] + inner + [length], dtype=like.dtype, device=like.device)
     first = starts[0] if starts else length
     last = starts[-1] if starts else 0
     return local, first, last, bool(starts)
@@ -352,9 +366,10 @@ def sp_lightning_attn(
             raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of global document offsets")
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
-        total = int(cu_seqlens[-1])
-        if int(cu_seqlens[0]) != 0:
-            raise ValueError(f"cu_seqlens must start at 0, got {int(cu_seqlens[0])}")
+        cu_list = cu_seqlens.tolist()  # one host sync
+        total = cu_list[-1]
+        if cu_list[0] != 0 or any(b < a for a, b in zip(cu_list, cu_list[1:])):
+            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_list[:8]}...")
         if shard_offset is None:
             if total != P * L:
                 raise ValueError(
@@ -365,7 +380,9 @@ def sp_lightning_attn(
             shard_offset = r * L
         elif not (0 <= shard_offset and shard_offset + L <= total):
             raise ValueError(f"shard_offset {shard_offset} + T_local {L} exceeds cu_seqlens[-1] = {total}")
-        local_cu, first, last, resets = local_cu_seqlens(cu_seqlens, int(shard_offset), L)
+        local_cu, first, last, resets = local_cu_seqlens(cu_list, int(shard_offset), L)
+        if local_cu is not None:
+            local_cu = local_cu.to(cu_seqlens.device, cu_seqlens.dtype)
 
     if P == 1:
         return lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)[0]
@@ -384,9 +401,12 @@ def sp_lightning_attn(
     o0, _ = lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)
     # 4. incoming state H_r
     Hs = _Finish.apply(dummy, ex)
-    # 5. its contribution to the tokens before the first local document start. H_r always enters
-    # the graph (an empty slice when first == 0), so every rank joins the backward exchange.
-    corr = _StateCorrection.apply(q[:, :first], Hs, slopes, scale)
-    if first == L:
+    # 5. its contribution to the tokens before the first local document start (none on rank 0:
+    # H_0 = 0). H_r always enters the graph, so every rank joins the backward exchange.
+    n = 0 if r == 0 else first
+    if n == 0:
+        return _Attach.apply(o0, Hs)
+    corr = _StateCorrection.apply(q[:, :n], Hs, slopes, scale)
+    if n == L:
         return o0 + corr
-    return torch.cat([o0[:, :first] + corr, o0[:, first:]], 1)
+    return torch.cat([o0[:, :n] + corr, o0[:, n:]], 1)
