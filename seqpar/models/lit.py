@@ -36,6 +36,10 @@ class LitLM(pl.LightningModule):
             number of optimizer steps).
         min_lr_ratio: final LR / peak LR of the cosine schedule.
 
+    SP: in ``setup`` (and at fit / validation start) the model takes ``trainer.strategy.sp_group`` (or the
+    "sp" dim of ``trainer.strategy.device_mesh``) and ``trainer.strategy.sp_mode`` when the strategy has them;
+    plain strategies leave the model single-process.
+
     Batch: dict with ``"input_ids"`` [B, T] and ``"labels"`` [B, T] (already shifted; -100 ignored),
     optional ``"cu_seqlens"`` (B == 1). Under SP the strategy has already sliced T to the rank's shard.
 
@@ -93,6 +97,9 @@ class LitLM(pl.LightningModule):
             if mesh is not None and "sp" in names:
                 group = mesh["sp"].get_group()
         self.model.sp_group = group
+        mode = getattr(strategy, "sp_mode", None)
+        if mode is not None:  # the strategy's choice ("exposed for the model") overrides config.sp_mode
+            self.model.sp_mode = mode
 
     def setup(self, stage: str) -> None:
         self._attach_sp_group()

@@ -13,7 +13,8 @@ Projections are reshaped [B, T, H*D] -> [B, T, H, D] by a view (the operator's l
 Slopes are ALiBi-style per head, scaled per layer ``s_h * (1 - l/(L-1) + 1e-5)`` (layer 0 decays most).
 
 Sequence parallelism: ``TransNormerLLM(config, sp_group=group)`` or ``model.sp_group = group`` (the
-Lightning strategy creates the group after the model). With a group of size > 1 the attention of every
+Lightning strategy creates the group after the model); ``model.sp_mode`` ("allgather" | "ring", default
+``config.sp_mode``) picks the state exchange. With a group of size > 1 the attention of every
 layer runs ``seqpar.distributed.sp_lightning_attn`` and the inputs are the rank's contiguous shard of T;
 the loss contract is described in :meth:`TransNormerLLM.forward`.
 """
@@ -151,7 +152,8 @@ class GatedLinearAttention(nn.Module):
         o = o.reshape(o.shape[:-2] + (-1,))
         return self.o_proj(self.norm(o).to(u.dtype) * u)
 
-    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False):
+    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False,
+                sp_mode=None):
         q, k, v, u = self._qkvu(x)
         slopes = self.slopes
         if _sp_size(sp_group) > 1:
@@ -160,7 +162,7 @@ class GatedLinearAttention(nn.Module):
             from ..distributed import sp_lightning_attn  # lazy: the SP layer is optional at import time
 
             o = sp_lightning_attn(
-                q, k, v, slopes, group=sp_group, scale=self.scale, mode=self.config.sp_mode,
+                q, k, v, slopes, group=sp_group, scale=self.scale, mode=sp_mode or self.config.sp_mode,
                 cu_seqlens=cu_seqlens, backend=self.config.attn_backend,
             )
             ht = None
@@ -205,10 +207,11 @@ class TNLBlock(nn.Module):
         self.channel_mixer = SGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False):
+    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False,
+                sp_mode=None):
         a, ht = self.token_mixer(
             self.token_norm(x), cu_seqlens=cu_seqlens, sp_group=sp_group,
-            initial_state=initial_state, output_final_state=output_final_state,
+            initial_state=initial_state, output_final_state=output_final_state, sp_mode=sp_mode,
         )
         x = x + self.dropout(a)
         x = x + self.dropout(self.channel_mixer(self.channel_norm(x)))
@@ -240,12 +243,14 @@ class LMOutput:
 class TransNormerLLM(nn.Module):
     """Decoder-only LM: embedding, ``n_layers`` TNL blocks, final SimpleRMSNorm, lm head."""
 
-    def __init__(self, config: TNLConfig, sp_group: Optional["dist.ProcessGroup"] = None):
+    def __init__(self, config: TNLConfig, sp_group: Optional["dist.ProcessGroup"] = None,
+                 sp_mode: Optional[str] = None):
         super().__init__()
         if not isinstance(config, TNLConfig):
             raise TypeError(f"config must be a TNLConfig, got {type(config).__name__}")
         self.config = config
-        self.sp_group = sp_group
+        self.sp_group = sp_group  # settable: the Lightning strategy creates the group after the model
+        self.sp_mode = sp_mode if sp_mode is not None else config.sp_mode
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(TNLBlock(config, i) for i in range(config.n_layers))
         self.final_norm = SimpleRMSNorm(config.norm_eps)
@@ -253,6 +258,17 @@ class TransNormerLLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+
+    @property
+    def sp_mode(self) -> str:
+        """How SP attention exchanges states ("allgather" | "ring"); defaults to ``config.sp_mode``."""
+        return self._sp_mode
+
+    @sp_mode.setter
+    def sp_mode(self, mode: str) -> None:
+        if mode not in ("allgather", "ring"):
+            raise ValueError(f"sp_mode must be 'allgather' or 'ring', got {mode!r}")
+        self._sp_mode = mode
 
     # -- init / bookkeeping
     @torch.no_grad()
@@ -366,10 +382,10 @@ class TransNormerLLM(nn.Module):
         for i, layer in enumerate(self.layers):
             h0 = initial_states[i] if initial_states is not None else None
             if ckpt:
-                x, ht = checkpoint(layer, x, cu_seqlens, group, use_reentrant=False)
+                x, ht = checkpoint(layer, x, cu_seqlens, group, None, False, self.sp_mode, use_reentrant=False)
             else:
                 x, ht = layer(x, cu_seqlens=cu_seqlens, sp_group=group, initial_state=h0,
-                              output_final_state=output_final_states)
+                              output_final_state=output_final_states, sp_mode=self.sp_mode)
             if final_states is not None:
                 final_states.append(ht)
         logits = self.lm_head(self.final_norm(x))

@@ -69,9 +69,10 @@ def test_warmup_cosine():
 
 def test_attach_sp_group_from_strategy():
     lit = LitLM()
-    lit._trainer = SimpleNamespace(strategy=SimpleNamespace(sp_group="G"))
+    assert lit.model.sp_mode == "allgather"
+    lit._trainer = SimpleNamespace(strategy=SimpleNamespace(sp_group="G", sp_mode="ring"))
     lit.setup("fit")
-    assert lit.model.sp_group == "G"
+    assert lit.model.sp_group == "G" and lit.model.sp_mode == "ring"
 
     class Mesh:
         mesh_dim_names = ("dp", "sp")

@@ -195,3 +195,12 @@ def test_tiny_overfit():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_sp_attributes_without_group():
+    m = TransNormerLLM(TNLConfig.preset("tiny", sp_mode="ring"))
+    assert m.sp_group is None and m.sp_mode == "ring"
+    m.sp_mode = "allgather"
+    with pytest.raises(ValueError, match="sp_mode"):
+        m.sp_mode = "tree"
+    assert m(ids(1, 10)).logits.shape == (1, 10, 256)  # no process group: single-process path

@@ -53,10 +53,11 @@ def _worker(rank, world, port, state_path, out_dir):
         sl = slice(rank * L, (rank + 1) * L)
         results = {}
         for mode, ckpt in MODES:
-            model = TransNormerLLM(_cfg(mode, ckpt)).double()
+            model = TransNormerLLM(_cfg("allgather", ckpt)).double()
             model.load_state_dict(torch.load(state_path))
             model.train()
-            model.sp_group = group
+            model.sp_group = group  # set after construction, as the Lightning strategy does
+            model.sp_mode = mode
             out = model(ids[:, sl], labels=labels[:, sl])
             out.loss.backward()
             grads = {}
