@@ -22,6 +22,11 @@ Backward mirrors it: _Finish.backward launches the reverse exchange of dH_r (suf
 G_r = dH_r + a_r G_{r+1}), autograd runs the local kernel's backward meanwhile, and _Start.backward
 waits and returns dM_r = G_{r+1}, da_r = <G_{r+1}, H_r>. Gradients of q, k, v, slopes are exact.
 
+Shard lengths may differ between ranks: the exchanged states are [B, H, D, E] whatever the length.
+With ``cu_seqlens`` each rank must know its global offset: by default shards are taken to be equal
+(offset = rank * T_local, checked against ``cu_seqlens[-1] == P * T_local`` with a ValueError that
+says how to pad); pass ``shard_offset`` for unequal shards.
+
 Every rank of the group must call the op the same number of times in the same order, and must use
 its output in the loss (a rank that does not backpropagate through it leaves the others waiting).
 The slopes gradient on each rank is that rank's contribution: sum (or, in DDP, average) it over the
