@@ -60,6 +60,9 @@ class TNLConfig:
         scaled_init: divide the std of the residual output projections by sqrt(2 n_layers).
         max_seq_len: nominal training context (informational: the model has no position embedding
             and accepts any length).
+        loss_chunk_tokens: tokens per chunk of the lm head + cross entropy when the forward is asked
+            for the loss without the logits (``return_logits=False``, as LitLM does): the [B, T, V]
+            logits are never materialised.
         sp_mode: how sequence-parallel attention exchanges states: "allgather" or "ring".
         attn_backend: backend of the operator (None: triton on CUDA, torch on CPU).
     """
@@ -83,11 +86,12 @@ class TNLConfig:
     init_std: float = 0.02
     scaled_init: bool = True
     max_seq_len: int = 2048
+    loss_chunk_tokens: int = 8192
     sp_mode: str = "allgather"
     attn_backend: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "loss_chunk_tokens"):
             v = getattr(self, name)
             if not _is_int(v) or v <= 0:
                 raise ValueError(f"TNLConfig.{name} must be a positive int, got {v!r}")

@@ -224,6 +224,15 @@ class TNLBlock(nn.Module):
         return x, state
 
 
+def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross entropy over non-ignored tokens, in fp32 at least (fp64 logits stay fp64)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 @dataclass
 class LMOutput:
     """Output of :meth:`TransNormerLLM.forward`.
@@ -324,6 +333,13 @@ class TransNormerLLM(nn.Module):
                 )
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+            if labels.numel() and labels.device.type != "meta":
+                bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"labels must lie in [0, vocab_size={self.config.vocab_size}) or be {IGNORE_INDEX} "
+                        f"(ignored), got e.g. {int(labels[bad][0])}"
+                    )
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             raise ValueError(f"cu_seqlens needs packed input_ids with B == 1, got B = {input_ids.shape[0]}")
 
@@ -350,7 +366,9 @@ class TransNormerLLM(nn.Module):
                 SP they are the *global* offsets of the whole packed sequence, identical on every rank
                 (see :func:`seqpar.distributed.sp_lightning_attn`).
             initial_states / output_final_states: per-layer recurrent states [B, H, D, E] (not under SP).
-            return_logits: set False to drop the logits from the output (they stay in the graph).
+            return_logits: False does not return the logits; with labels the loss is then computed in
+                chunks of ``config.loss_chunk_tokens`` tokens (lm head + cross entropy recomputed per chunk
+                in the backward), so the [B, T, V] logits are never materialised.
             use_sp: False ignores ``self.sp_group`` (every rank then holds whole sequences).
 
         Loss contract: ``loss`` is the mean cross entropy over all valid (non -100) tokens of the SP
@@ -388,25 +406,40 @@ class TransNormerLLM(nn.Module):
                               output_final_state=output_final_states, sp_mode=self.sp_mode)
             if final_states is not None:
                 final_states.append(ht)
-        logits = self.lm_head(self.final_norm(x))
-
-        loss = num_tokens = None
+        h = self.final_norm(x)
+        logits = loss = num_tokens = None
+        if return_logits or labels is None:
+            logits = self.lm_head(h)
         if labels is not None:
-            loss, num_tokens = self._loss(logits, labels, group, P)
+            if logits is not None:
+                local_sum = _ce_sum(logits, labels)
+            else:
+                local_sum = self._chunked_ce_sum(h, labels)
+            loss, num_tokens = self._reduce_loss(local_sum, labels, group, P)
         return LMOutput(loss=loss, logits=logits if return_logits else None,
                         final_states=final_states, num_tokens=num_tokens)
 
+    def _chunked_ce_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of token losses, lm head + CE per chunk of tokens (recomputed in the backward)."""
+        hf, lf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        n = self.config.loss_chunk_tokens
+        if hf.shape[0] <= n:
+            return _ce_sum(self.lm_head(hf), lf)
+
+        def piece(hc, lc):
+            return _ce_sum(self.lm_head(hc), lc)
+
+        use_ckpt = torch.is_grad_enabled()
+        total = None
+        for s in range(0, hf.shape[0], n):
+            hc, lc = hf[s : s + n], lf[s : s + n]
+            part = checkpoint(piece, hc, lc, use_reentrant=False) if use_ckpt else piece(hc, lc)
+            total = part if total is None else total + part
+        return total
+
     @staticmethod
-    def _loss(logits, labels, group, P):
-        labels = labels.long()
-        valid = labels != IGNORE_INDEX
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the loss in fp32 at least (fp64 models keep fp64)
-        local_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction="sum",
-        )
-        local_count = valid.sum()
+    def _reduce_loss(local_sum, labels, group, P):
+        local_count = (labels != IGNORE_INDEX).sum()
         if group is None:
             return local_sum / local_count.clamp(min=1).to(local_sum.dtype), local_count
         stats = torch.stack([local_sum.detach().double(), local_count.double()])

@@ -56,6 +56,7 @@ def test_config_dict_roundtrip():
         (dict(vocab_size=2.5), "vocab_size"),
         (dict(head_dim=0), "head_dim"),
         (dict(glu_dim=-3), "glu_dim"),
+        (dict(loss_chunk_tokens=0), "loss_chunk_tokens"),
         (dict(dropout=1.0), "dropout"),
         (dict(norm_eps=0.0), "norm_eps"),
         (dict(init_std=-1.0), "init_std"),

@@ -73,6 +73,10 @@ def test_bad_inputs():
         m(x, labels=x[:, :-1])
     with pytest.raises(ValueError, match="labels"):
         m(x, labels=x.float())
+    with pytest.raises(ValueError, match="labels"):
+        m(x, labels=torch.full_like(x, 256))
+    with pytest.raises(ValueError, match="labels"):
+        m(x, labels=torch.full_like(x, -2))
     with pytest.raises(ValueError, match="cu_seqlens"):
         m(x, cu_seqlens=torch.tensor([0, 4, 8]))
     with pytest.raises(TypeError, match="config"):
@@ -204,3 +208,23 @@ def test_sp_attributes_without_group():
     with pytest.raises(ValueError, match="sp_mode"):
         m.sp_mode = "tree"
     assert m(ids(1, 10)).logits.shape == (1, 10, 256)  # no process group: single-process path
+
+
+def test_chunked_loss_without_logits_matches():
+    m1 = tiny(loss_chunk_tokens=16)
+    x = ids(2, 70)
+    labels = torch.roll(x, -1, 1)
+    labels[1, 5:40] = -100
+    grads, losses = [], []
+    for return_logits in (True, False):
+        m1.zero_grad()
+        out = m1(x, labels=labels, return_logits=return_logits)
+        assert (out.logits is None) == (not return_logits)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in m1.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-8, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(m1(x, labels=labels, return_logits=False).loss, losses[0], rtol=1e-6, atol=0)
