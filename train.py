@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Train a TransNormerLLM (Lightning Attention-2) language model with data x sequence parallelism.
+
+    python train.py                                     # tiny model, embedded corpus, CPU or all GPUs
+    python train.py --config configs/debug.yaml trainer.max_steps=20
+    torchrun --nproc_per_node 8 train.py --config configs/tnl-1b.yaml trainer.max_steps=100 parallel.sp=8
+    python train.py --config configs/tnl-0.4b.yaml trainer.devices=8 parallel.sp=4   # Lightning launches
+
+Configuration = the dataclass schema below  <  ``--config`` YAML  <  ``key=value`` overrides (OmegaConf
+dotlist). Unknown keys, wrong types, ``parallel.sp`` not dividing the world size or ``data.seq_len`` not
+divisible by ``parallel.sp`` stop with a one-line error. ``--print-config`` shows the merged config.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+# ------------------------------------------------------------------------------------------------ schema
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | tnl-0.4b | tnl-1b | tnl-3b | tnl-15b
+    overrides: Dict[str, Any] = field(default_factory=dict)  # any TNLConfig field, e.g. {n_layers: 4}
+
+
+@dataclass
+class DataConfig:
+    kind: str = "corpus"  # corpus (embedded stdlib bytes, vocab 256) | memmap (.bin token files) | recall
+    seq_len: int = 256
+    batch_size: int = 8  # per data-parallel rank; the ranks of one SP group share their samples
+    path: Optional[str] = None  # memmap: directory with train.bin / val.bin, or one .bin file
+    dtype: str = "uint16"  # memmap token dtype: uint16 | uint32
+    packed: bool = False  # emit cu_seqlens at document boundaries (needs batch_size=1)
+    eos_id: Optional[int] = None  # document separator for packed memmap data (corpus: 0)
+    val_fraction: float = 0.05
+    max_bytes: int = 8 * 1024 * 1024  # size cap of the embedded corpus
+    train_samples: Optional[int] = None  # samples per epoch (default: non-overlapping windows)
+    val_samples: Optional[int] = None
+    num_workers: int = 0
+    recall_pairs: int = 16
+    recall_queries: int = 4
+
+
+@dataclass
+class ParallelConfig:
+    sp: Optional[int] = None  # sequence-parallel group size; null = all devices of a node
+    sp_mode: str = "allgather"  # allgather | ring
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = "auto"  # auto (all GPUs, or 1 CPU process) | int; under torchrun: LOCAL_WORLD_SIZE
+    num_nodes: int = 1  # under torchrun: WORLD_SIZE // LOCAL_WORLD_SIZE
+    precision: Optional[str] = None  # null: bf16-mixed on GPU, 32-true on CPU
+    accumulate_grad_batches: int = 1
+    log_every: int = 10
+    val_check_interval: Optional[int] = 100  # training batches between validations; null: never
+    limit_val_batches: int = 8
+    out_dir: str = "runs/default"  # CSV logs under <out_dir>/logs
+    ckpt_dir: Optional[str] = None  # null: <out_dir>/checkpoints (last.ckpt + the newest keep_ckpts)
+    ckpt_every: int = 100  # training steps between checkpoints; 0: only last.ckpt at the end
+    keep_ckpts: int = 2
+    resume: Optional[str] = None  # path to a .ckpt | auto (<ckpt_dir>/last.ckpt if present) | null
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 1234
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ config
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value dotlist overrides, e.g. trainer.max_steps=100")
+    return p.parse_args(argv)
+
+
+def load_config(config_files: List[str], overrides: List[str]):
+    """Schema < YAML files < dotlist overrides; raises ConfigError with a one-line message."""
+    cfg = OmegaConf.structured(TrainConfig)
+    try:
+        for path in config_files:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must be key=value, got {bad}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        msg = str(e).strip().splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{msg}" + (f" (key: {key})" if key and key not in msg else "")) from None
+    return cfg
+
+
+def _torchelastic() -> bool:
+    return all(k in os.environ for k in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+
+
+def resolve_layout(cfg) -> Dict[str, Any]:
+    """accelerator, devices, num_nodes, world size and sp; validates sp and seq_len."""
+    import torch
+
+    t = cfg.trainer
+    accelerator = t.accelerator
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator must be auto, cpu or gpu, got {accelerator!r}")
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator=gpu but no CUDA GPU is available (use trainer.accelerator=cpu)")
+    if _torchelastic():
+        devices = int(os.environ["LOCAL_WORLD_SIZE"])
+        world = int(os.environ.get("WORLD_SIZE", devices))
+        num_nodes = max(1, world // devices)
+    else:
+        d = t.devices
+        if d in ("auto", -1, "-1", None):
+            devices = torch.cuda.device_count() if accelerator != "cpu" else 1
+        elif isinstance(d, int) or (isinstance(d, str) and d.isdigit()):
+            devices = int(d)
+        else:
+            raise ConfigError(f"trainer.devices must be auto or a positive int, got {d!r}")
+        if devices < 1:
+            raise ConfigError(f"trainer.devices must be >= 1, got {devices}")
+        if not isinstance(t.num_nodes, int) or t.num_nodes < 1:
+            raise ConfigError(f"trainer.num_nodes must be a positive int, got {t.num_nodes!r}")
+        num_nodes = t.num_nodes
+        world = devices * num_nodes
+    sp = cfg.parallel.sp if cfg.parallel.sp is not None else devices
+    if sp < 1 or world % sp:
+        divisors = [k for k in range(1, world + 1) if world % k == 0]
+        raise ConfigError(f"parallel.sp={sp} must divide the world size {world} (choose among {divisors})")
+    if cfg.parallel.sp_mode not in ("allgather", "ring"):
+        raise ConfigError(f"parallel.sp_mode must be allgather or ring, got {cfg.parallel.sp_mode!r}")
+    if cfg.data.seq_len % sp:
+        up = -(-cfg.data.seq_len // sp) * sp
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.sp={sp} (use e.g. data.seq_len={up})")
+    return {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "world": world, "sp": sp}
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+# ------------------------------------------------------------------------------------------------ build
+def build(cfg, layout):
+    """(trainer, model, datamodule, ckpt_path); construction errors become ConfigError."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger
+
+    import seqpar.strategies  # noqa: F401  registers "lightning_sp"
+    from seqpar.data import SeqDataModule
+    from seqpar.models import TNLConfig
+    from seqpar.models.lit import LitLM
+    from seqpar.strategies import LightningSPStrategy
+
+    t, d, o = cfg.trainer, cfg.data, cfg.optim
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same initial weights on every layout
+    try:
+        overrides = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
+        overrides["sp_mode"] = cfg.parallel.sp_mode
+        model_cfg = TNLConfig.preset(cfg.model.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    if d.kind == "corpus" and model_cfg.vocab_size < 256:
+        raise ConfigError(f"data.kind=corpus is byte-level (256 tokens) but the model's vocab_size is {model_cfg.vocab_size}")
+    try:
+        dm = SeqDataModule(
+            kind=d.kind, seq_len=d.seq_len, batch_size=d.batch_size, path=d.path, dtype=d.dtype, packed=d.packed,
+            eos_id=d.eos_id, val_fraction=d.val_fraction, max_bytes=d.max_bytes, train_samples=d.train_samples,
+            val_samples=d.val_samples, num_workers=d.num_workers, seed=cfg.seed, recall_pairs=d.recall_pairs,
+            recall_queries=d.recall_queries, vocab_size=min(256, model_cfg.vocab_size),
+        )
+        if d.kind == "memmap" and not os.path.exists(d.path):
+            raise ValueError(f"data.path not found: {d.path}")
+        model = LitLM(
+            model_cfg, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+            warmup_steps=o.warmup_steps, max_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
+        )
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+    ckpt_dir = t.ckpt_dir or os.path.join(t.out_dir, "checkpoints")
+    ckpt_path = None
+    if t.resume == "auto":
+        last = os.path.join(ckpt_dir, "last.ckpt")
+        ckpt_path = last if os.path.isfile(last) else None
+    elif t.resume:
+        if not os.path.isfile(t.resume):
+            raise ConfigError(f"trainer.resume: checkpoint not found: {t.resume}")
+        ckpt_path = t.resume
+
+    if layout["world"] > 1 or layout["sp"] > 1:
+        strategy = LightningSPStrategy(sp_size=layout["sp"], sp_mode=cfg.parallel.sp_mode)
+    else:
+        strategy = "auto"
+    precision = t.precision or ("bf16-mixed" if layout["accelerator"] == "gpu" else "32-true")
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+            every_n_train_steps=t.ckpt_every or None, save_top_k=t.keep_ckpts if t.ckpt_every else 0,
+            monitor="step", mode="max", save_last=True,
+        )
+    ]
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every, 10))))
+    trainer = pl.Trainer(
+        accelerator=layout["accelerator"], devices=layout["devices"], num_nodes=layout["num_nodes"],
+        strategy=strategy, precision=precision, max_steps=t.max_steps, max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=o.grad_clip or None,
+        log_every_n_steps=t.log_every, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
+        logger=CSVLogger(t.out_dir, name="logs"), callbacks=callbacks, enable_progress_bar=t.progress_bar,
+        default_root_dir=t.out_dir, benchmark=False,
+    )
+    return trainer, model, dm, ckpt_path, ckpt_dir
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        layout = resolve_layout(cfg)
+        trainer, model, dm, ckpt_path, ckpt_dir = build(cfg, layout)
+    except ConfigError as e:
+        raise SystemExit(f"train.py: config error: {e}") from None
+    if _is_rank_zero():
+        print(OmegaConf.to_yaml(cfg), end="")
+        print(f"[train.py] world={layout['world']} sp={layout['sp']} dp={layout['world'] // layout['sp']} "
+              f"accelerator={layout['accelerator']} devices={layout['devices']} nodes={layout['num_nodes']} "
+              f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M resume={ckpt_path}")
+
+    import pytorch_lightning as pl
+    import torch
+
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`num_workers`.*")
+    if layout["accelerator"] == "gpu":
+        torch.set_float32_matmul_precision("high")
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(os.path.join(ckpt_dir, "last.ckpt"))  # the final state, whatever ckpt_every was
+    if trainer.is_global_zero:
+        print(f"[train.py] done: step {trainer.global_step}, checkpoint {os.path.join(ckpt_dir, 'last.ckpt')}, "
+              f"logs {trainer.logger.log_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
