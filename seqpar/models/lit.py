@@ -14,10 +14,15 @@ from .config import TNLConfig
 from .transnormer import TransNormerLLM
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1 over ``warmup_steps``, cosine down to ``min_lr_ratio`` at ``max_steps``."""
+def warmup_cosine(step: int, warmup_steps: int, max_steps: Optional[int], min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup_steps``, cosine down to ``min_lr_ratio`` at ``max_steps``.
+
+    ``max_steps=None`` (no known end): constant 1 after the warmup.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if max_steps is None:
+        return 1.0
     decay_steps = max(1, max_steps - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -32,8 +37,8 @@ class LitLM(pl.LightningModule):
         weight_decay: applied to matrices of linear layers only (not norms, biases, embeddings, slopes).
         betas, eps: AdamW.
         warmup_steps: linear warmup steps.
-        max_steps: end of the cosine schedule; None takes ``trainer.max_steps`` (or the estimated
-            number of optimizer steps).
+        max_steps: end of the cosine schedule; None (or <= 0, Lightning's -1) takes ``trainer.max_steps``
+            (or the estimated number of optimizer steps).
         min_lr_ratio: final LR / peak LR of the cosine schedule.
 
     SP: in ``setup`` (and at fit / validation start) the model takes ``trainer.strategy.sp_group`` (or the
@@ -75,7 +80,7 @@ class LitLM(pl.LightningModule):
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if max_steps is not None and max_steps <= 0:
-            raise ValueError(f"max_steps must be positive or None, got {max_steps}")
+            max_steps = None  # Lightning's -1 = "unbounded": the schedule then follows the trainer
         self.config = config
         self.save_hyperparameters(
             {"config": config.to_dict(), "lr": lr, "weight_decay": weight_decay, "betas": tuple(betas),
@@ -174,7 +179,7 @@ class LitLM(pl.LightningModule):
             {"params": no_decay, "weight_decay": 0.0},
         ]
 
-    def _total_steps(self) -> int:
+    def _total_steps(self) -> Optional[int]:
         if self.hparams.max_steps is not None:
             return int(self.hparams.max_steps)
         trainer = self._trainer
@@ -187,7 +192,7 @@ class LitLM(pl.LightningModule):
                     return int(est)
             except Exception:  # noqa: BLE001 - no dataloader yet / infinite
                 pass
-        return max(1, self.hparams.warmup_steps * 10)
+        return None
 
     def configure_optimizers(self):
         h = self.hparams

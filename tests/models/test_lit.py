@@ -65,6 +65,8 @@ def test_warmup_cosine():
     assert warmup_cosine(110, 10, 110, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(500, 10, 110, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(0, 0, 10, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(10**6, 10, None, 0.1) == 1.0  # no known end: constant after warmup
+    assert LitLM(max_steps=-1).hparams.max_steps is None  # Lightning's "unbounded"
 
 
 def test_attach_sp_group_from_strategy():
