@@ -65,6 +65,7 @@ class LlamaLM(nn.Module):
         self.norm = RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.activation_checkpointing = activation_checkpointing
+        self.loss_chunk_tokens = 8192
         for p in self.parameters():
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
@@ -76,8 +77,18 @@ class LlamaLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        logits = self.head(self.norm(x))
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        h = self.norm(x).flatten(0, 1)
+        labels = labels.flatten()
+        # lm head + cross entropy in chunks, recomputed in backward: the [B*T, V] logits never exist in full
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], self.loss_chunk_tokens):
+            total = total + torch.utils.checkpoint.checkpoint(
+                self._ce_sum, h[i:i + self.loss_chunk_tokens], labels[i:i + self.loss_chunk_tokens],
+                use_reentrant=False)
+        return total / (labels != -100).sum().clamp(min=1)
+
+    def _ce_sum(self, h, labels):
+        return F.cross_entropy(self.head(h).float(), labels, ignore_index=-100, reduction="sum")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,165 @@
+"""Training throughput vs sequence length on one GPU: TransNormerLLM (Lightning Attention-2) vs LLaMA-SDPA.
+
+Tokens per optimizer step are held fixed (``--tokens``, batch = tokens / T); each row is one model at
+one length: median step time (forward + backward + AdamW), tokens/GPU/s, MFU and peak memory. The
+LLaMA-style baseline has the same width, depth and head dim, softmax attention through torch SDPA
+(flash), rotary embeddings and a SwiGLU sized to the TNL block's parameter count.
+
+MFU counts 6 * (non-embedding parameters) FLOPs per token plus the attention's own FLOPs
+(TNL: intra-chunk products with chunk 64 and the state products; LLaMA: causal QK^T and PV), x4/3 when
+activations are recomputed, against a peak of ``--peak-tflops`` (989 dense bf16 for H100/H200 SXM).
+
+``--longest`` instead doubles T at batch 1 (activation checkpointing on) until the GPU runs out of
+memory, to find the longest sequence one GPU trains.
+
+Run on a GPU (the numbers in benchmarks/results/train_*.md come from this command):
+    python benchmarks/bench_train.py --models tnl-0.4b,tnl-1b --lengths 2048,4096,8192,16384,32768,65536,131072
+    python benchmarks/bench_train.py --longest --models tnl-0.4b
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_baseline import LlamaLM, attention_flops_per_token  # noqa: E402
+
+from seqpar.models import TNLConfig, TransNormerLLM  # noqa: E402
+
+
+def tnl_attention_flops_per_token(cfg: TNLConfig, chunk: int = 64) -> float:
+    D = cfg.head_dim
+    per_head = 2 * chunk * D / 2 * 2 + 2 * D * D * 2  # causal intra (QK^T, PV) + q S and k^T v state products
+    return 3 * cfg.n_layers * cfg.n_heads * per_head
+
+
+def build(kind: str, cfg: TNLConfig, ac: bool):
+    if kind == "tnl":
+        cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac})
+        model = TransNormerLLM(cfg)
+    else:
+        d, glu = cfg.d_model, cfg.glu_dim
+        model = LlamaLM(cfg.vocab_size, d, cfg.n_layers, cfg.n_heads, hidden=glu + d // 3,
+                        activation_checkpointing=ac)
+    return model.cuda()
+
+
+def loss_of(kind, model, x, y):
+    if kind == "tnl":
+        return model(x, labels=y, return_logits=False).loss
+    return model(x, y)
+
+
+def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops):
+    B = max(1, tokens // T)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build(kind, cfg, ac)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = cfg.vocab_size * cfg.d_model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
+    y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_of(kind, model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {loss.item()}")
+    step = statistics.median(times)
+    tps = B * T / step
+    attn = tnl_attention_flops_per_token(cfg) if kind == "tnl" else attention_flops_per_token(cfg.n_layers, cfg.d_model, T)
+    flops_tok = (6 * (n_params - n_embed) + attn) * (4 / 3 if ac else 1)
+    mfu = flops_tok * tps / (peak_tflops * 1e12)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt, x, y, loss
+    gc.collect()
+    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, peak_gib=peak, params=n_params)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tnl-0.4b,tnl-1b")
+    ap.add_argument("--lengths", default="2048,4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--tokens", type=int, default=131072, help="tokens per optimizer step")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--ac", type=int, default=1, help="activation checkpointing (1/0)")
+    ap.add_argument("--baseline", default="llama", help="'llama' or 'none'")
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--longest", action="store_true")
+    ap.add_argument("--max-tokens", type=int, default=1 << 23)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU")
+    dev = torch.cuda.get_device_name()
+    head = (f"# Training throughput, one GPU\n\ndevice: {dev}; torch {torch.__version__}; "
+            f"date {datetime.date.today()}; bf16 autocast, fused AdamW; command: `python benchmarks/bench_train.py "
+            f"{' '.join(sys.argv[1:])}`\n\n")
+    rows = []
+    if args.longest:
+        head += "| model | T (B=1) | step ms | tokens/s | peak GiB |\n|---|---|---|---|---|\n"
+        for name in args.models.split(","):
+            cfg = TNLConfig.preset(name)
+            T = 1 << 17
+            while T <= args.max_tokens:
+                try:
+                    r = run_one("tnl", cfg, T, T, steps=2, warmup=1, ac=True, peak_tflops=args.peak_tflops)
+                    rows.append(f"| {name} | {T} | {r['step_ms']:.0f} | {r['tps']:.0f} | {r['peak_gib']:.1f} |")
+                except torch.cuda.OutOfMemoryError:
+                    rows.append(f"| {name} | {T} | OOM | | |")
+                    break
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                print(rows[-1], flush=True)
+                T *= 2
+    else:
+        head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | peak GiB |\n"
+                 "|---|---|---|---|---|---|---|---|\n")
+        kinds = ["tnl"] + (["llama"] if args.baseline == "llama" else [])
+        for name in args.models.split(","):
+            cfg = TNLConfig.preset(name)
+            for T in [int(t) for t in args.lengths.split(",")]:
+                for kind in kinds:
+                    label = "Lightning Attention-2 (seqpar)" if kind == "tnl" else "softmax, torch SDPA"
+                    try:
+                        r = run_one(kind, cfg, T, args.tokens, args.steps, args.warmup, bool(args.ac),
+                                    args.peak_tflops)
+                        rows.append(f"| {name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
+                                    f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+                    except torch.cuda.OutOfMemoryError:
+                        rows.append(f"| {name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | |")
+                    finally:
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                    print(rows[-1], flush=True)
+    table = head + "\n".join(rows) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    tag = "longest" if args.longest else "throughput"
+    path = os.path.join(args.out, f"train_{tag}_{dev.replace(' ', '_')}.md")
+    with open(path, "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
