@@ -67,7 +67,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 500
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = "auto"  # auto (all GPUs, or 1 CPU process) | int; under torchrun: LOCAL_WORLD_SIZE
     num_nodes: int = 1  # under torchrun: WORLD_SIZE // LOCAL_WORLD_SIZE
@@ -78,7 +78,7 @@ class TrainerConfig:
     limit_val_batches: int = 8
     out_dir: str = "runs/default"  # CSV logs under <out_dir>/logs
     ckpt_dir: Optional[str] = None  # null: <out_dir>/checkpoints (last.ckpt + the newest keep_ckpts)
-    ckpt_every: int = 100  # training steps between checkpoints; 0: only last.ckpt at the end
+    ckpt_every: int = 250  # training steps between checkpoints; 0: only last.ckpt at the end
     keep_ckpts: int = 2
     resume: Optional[str] = None  # path to a .ckpt | auto (<ckpt_dir>/last.ckpt if present) | null
     progress_bar: bool = True
