@@ -97,6 +97,14 @@ def test_registered_in_every_installed_tree():
     assert pl.strategies.StrategyRegistry["lightning_sp"]["strategy"] is LightningSPStrategy
 
 
+def test_import_seqpar_registers():
+    code = ("import seqpar, pytorch_lightning as pl; s = pl.strategies.StrategyRegistry.get('lightning_sp'); "
+            "print(type(s).__module__, type(s).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["seqpar.strategies.lightning_sp", "LightningSPStrategy"]
+
+
 def test_trainer_layout_and_errors():
     import pytorch_lightning as pl
 
