@@ -1,0 +1,276 @@
+"""Kernel benchmark: seqpar's Triton Lightning Attention-2 against torch SDPA (causal, flash), fla's
+chunk_simple_gla and OpenNLPLab's lightning_attn (official LA2), bf16, forward and forward+backward.
+
+    python benchmarks/bench_kernel.py                      # default shapes, writes results/kernel_<device>.md
+    python benchmarks/bench_kernel.py --shapes 4,16,8192,128 --impls seqpar,fla
+
+Conventions of the peers (checked numerically against ours before timing, see `check_peers`):
+* fla:            chunk_simple_gla(q, k, v, g_gamma=-slopes, scale=scale), layout [B, T, H, D] like ours.
+* lightning_attn: lightning_attn_func(q * scale, k, v, slopes), layout [B, H, T, D]; slopes [H] is the
+                  decay rate (lambda = exp(-s)), no scale argument (q is pre-scaled outside the timing).
+* SDPA:           F.scaled_dot_product_attention(..., is_causal=True), layout [B, H, T, D].
+Times are medians of triton.testing.do_bench (L2 flushed between runs); tokens/s = B*T / time.
+Peak extra memory: max_memory_allocated during one forward+backward minus the memory held before
+it (inputs, do); it includes the outputs and the gradients (o, dq, dk, dv).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+DEFAULT_SHAPES = [
+    (4, 16, 2048, 128),
+    (4, 16, 4096, 128),
+    (4, 16, 8192, 128),
+    (4, 16, 16384, 128),
+    (4, 16, 32768, 128),
+    (1, 16, 131072, 128),
+    (2, 32, 32768, 64),
+]
+
+
+def alibi_slopes(H: int) -> torch.Tensor:
+    def pow2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(H).is_integer():
+        s = pow2(H)
+    else:
+        c = 2 ** math.floor(math.log2(H))
+        s = pow2(c) + pow2(2 * c)[0::2][: H - c]
+    return torch.tensor(s, dtype=torch.float32)
+
+
+def make_impls(which):
+    impls = {}
+    if "seqpar" in which:
+        from seqpar import lightning_attn
+
+        def seqpar_fn(q, k, v, s, scale):
+            return lambda: lightning_attn(q, k, v, s, scale=scale, backend="triton")[0]
+
+        impls["seqpar"] = (seqpar_fn, "bthd")
+    if "fla" in which:
+        try:
+            from fla.ops.simple_gla import chunk_simple_gla
+
+            def fla_fn(q, k, v, s, scale):
+                g = -s
+                return lambda: chunk_simple_gla(q, k, v, g_gamma=g, scale=scale)[0]
+
+            impls["fla"] = (fla_fn, "bthd")
+        except Exception as e:  # noqa: BLE001
+            print(f"fla not importable: {e!r}")
+    if "lightning_attn" in which:
+        try:
+            from lightning_attn.ops import lightning_attn_func
+
+            def la_fn(q, k, v, s, scale):
+                return lambda: lightning_attn_func(q, k, v, s)
+
+            impls["lightning_attn"] = (la_fn, "bhtd_prescaled")
+        except Exception as e:  # noqa: BLE001
+            print(f"lightning_attn not importable: {e!r}")
+    if "sdpa" in which:
+
+        def sdpa_fn(q, k, v, s, scale):
+            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+        impls["sdpa"] = (sdpa_fn, "bhtd")
+    return impls
+
+
+def prepare(layout, q, k, v, scale, requires_grad):
+    if layout == "bthd":
+        xs = [q, k, v]
+    elif layout == "bhtd":
+        xs = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
+    else:  # bhtd_prescaled
+        xs = [(q * scale).transpose(1, 2).contiguous()] + [x.transpose(1, 2).contiguous() for x in (k, v)]
+    return [x.detach().clone().requires_grad_(requires_grad) for x in xs]
+
+
+def check_peers(impls, device):
+    """One shape, all implementations against ours (and ours against the fp32 torch backend)."""
+    from seqpar import lightning_attn
+
+    B, H, T, D = 2, 4, 2048 + 37, 128
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    s = alibi_slopes(H).to(device)
+    scale = D**-0.5
+    do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    leaves = [x.float().requires_grad_(True) for x in (q, k, v)]
+    ref, _ = lightning_attn(*leaves, s, scale=scale, backend="torch")
+    ref_grads = torch.autograd.grad(ref, leaves, do.float())
+    lines = []
+    for name, (fn, layout) in impls.items():
+        if name == "sdpa":
+            continue
+        xs = prepare(layout, q, k, v, scale, True)
+        o = fn(*xs, s, scale)()
+        dd = do if layout == "bthd" else do.transpose(1, 2).contiguous()
+        grads = torch.autograd.grad(o, xs, dd)
+        if layout != "bthd":
+            o = o.transpose(1, 2)
+            grads = [g.transpose(1, 2) for g in grads]
+            if layout == "bhtd_prescaled":
+                grads[0] = grads[0] * scale
+        errs = [rel(o, ref)] + [rel(g, r) for g, r in zip(grads, ref_grads)]
+        lines.append(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+    out = ["Agreement with the fp32 torch backend (B2 H4 T2085 D128, bf16 inputs, ALiBi slopes), rel. L2 error:",
+           "", "| impl | o | dq | dk | dv |", "|---|---|---|---|---|"] + lines
+    return "\n".join(out)
+
+
+def bench_one(fn, layout, B, H, T, D, device, warmup, rep):
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    s = alibi_slopes(H).to(device)
+    scale = D**-0.5
+    res = {}
+    # forward only
+    xs = prepare(layout, q, k, v, scale, False)
+    f = fn(*xs, s, scale)
+    with torch.no_grad():
+        f()
+        torch.cuda.synchronize()
+        res["fwd"] = do_bench(f, warmup=warmup, rep=rep, quantiles=[0.5])
+        if isinstance(res["fwd"], (list, tuple)):
+            res["fwd"] = res["fwd"][0]
+    del xs, f
+    # forward + backward
+    xs = prepare(layout, q, k, v, scale, True)
+    del q, k, v
+    f = fn(*xs, s, scale)
+    do = torch.randn_like(f())
+
+    def step():
+        f().backward(do)
+
+    step()
+    torch.cuda.synchronize()
+    for x in xs:
+        x.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    res["mem"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    for x in xs:
+        x.grad = None
+    t = do_bench(step, warmup=warmup, rep=rep, grad_to_none=xs, quantiles=[0.5])
+    res["fwdbwd"] = t[0] if isinstance(t, (list, tuple)) else t
+    return res
+
+
+def profile_breakdown(B, H, T, D, device):
+    """Per-kernel CUDA times of seqpar's forward+backward (torch.profiler), as markdown lines."""
+    from seqpar import lightning_attn
+
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    s = alibi_slopes(H).to(device).requires_grad_(True)
+    do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        lightning_attn(q, k, v, s, backend="triton")[0].backward(do)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            lightning_attn(q, k, v, s, backend="triton")[0].backward(do)
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = ev.cuda_time_total
+        if t > 0:
+            rows.append((t / n / 1000.0, ev.key))
+    rows.sort(reverse=True)
+    lines = [f"Per-kernel time of seqpar fwd+bwd (slopes.requires_grad), B{B} H{H} T{T} D{D}, ms per step:", "",
+             "| kernel | ms |", "|---|---|"]
+    lines += [f"| {k[:60]} | {t:.3f} |" for t, k in rows[:14]]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=None, help="B,H,T,D ...")
+    ap.add_argument("--impls", default="seqpar,fla,lightning_attn,sdpa")
+    ap.add_argument("--warmup", type=int, default=25)
+    ap.add_argument("--rep", type=int, default=100)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--breakdown", default="4,16,32768,128")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip the rest after this many seconds")
+    args = ap.parse_args()
+    device = "cuda"
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
+    impls = make_impls(args.impls.split(","))
+    t0 = time.time()
+    import triton
+
+    name = torch.cuda.get_device_name()
+    header = [
+        f"# Kernel benchmark: {name}",
+        "",
+        f"torch {torch.__version__}, triton {triton.__version__}, "
+        f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, bf16, "
+        f"median of triton.testing.do_bench(warmup={args.warmup}, rep={args.rep}); "
+        "ALiBi slopes; command: `python benchmarks/bench_kernel.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+    ]
+    sections = []
+    if not args.no_check:
+        sections.append(check_peers(impls, device))
+        print(sections[-1], flush=True)
+    table = ["| B,H,T,D | impl | fwd ms | fwd+bwd ms | fwd+bwd Mtok/s | peak extra GB |", "|---|---|---|---|---|---|"]
+    for B, H, T, D in shapes:
+        for iname, (fn, layout) in impls.items():
+            if time.time() - t0 > args.budget_s:
+                table.append(f"| {B},{H},{T},{D} | {iname} | skipped (time budget) | | | |")
+                continue
+            try:
+                r = bench_one(fn, layout, B, H, T, D, device, args.warmup, args.rep)
+                line = (f"| {B},{H},{T//1024}K,{D} | {iname} | {r['fwd']:.3f} | {r['fwdbwd']:.3f} | "
+                        f"{B * T / r['fwdbwd'] / 1e3:.1f} | {r['mem']:.2f} |")
+            except Exception as e:  # noqa: BLE001
+                line = f"| {B},{H},{T//1024}K,{D} | {iname} | error: {type(e).__name__}: {str(e)[:60]} | | | |"
+                torch.cuda.empty_cache()
+            table.append(line)
+            print(line, flush=True)
+    sections.append("\n".join(table))
+    if args.breakdown and "seqpar" in impls and time.time() - t0 < args.budget_s:
+        B, H, T, D = (int(x) for x in args.breakdown.split(","))
+        sections.append(profile_breakdown(B, H, T, D, device))
+    text = "\n".join(header) + "\n" + "\n\n".join(sections) + "\n"
+    out = args.out
+    if out is None:
+        tag = name.replace("NVIDIA ", "").split()[0].lower()
+        out = os.path.join(os.path.dirname(__file__), "results", f"kernel_{tag}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        fh.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
