@@ -211,6 +211,80 @@ def profile_breakdown(B, H, T, D, device):
     return "\n".join(lines)
 
 
+TUNE_VARIANTS = {
+    "base": {},
+    "st3": {k: {"num_stages": 3} for k in ("seg", "fwd", "dqdk", "dv")},
+    "st1": {k: {"num_stages": 1} for k in ("seg", "fwd", "dqdk", "dv")},
+    "w4": {k: {"num_warps": 4} for k in ("fwd", "dqdk", "dv")},
+    "blk128": {k: {"BLK": 128} for k in ("fwd", "dqdk", "dv")},
+    "blk128w16": {k: {"BLK": 128, "num_warps": 16} for k in ("fwd", "dqdk", "dv")},
+    "blk128st1": {k: {"BLK": 128, "num_stages": 1} for k in ("fwd", "dqdk", "dv")},
+    "seg16": {"seg_max": 16},
+    "seg64": {"seg_max": 64, "waves": 2},
+    "segblk128": {"seg": {"BLK": 128, "num_warps": 8}},
+}
+
+
+def tune(shapes, variants, device):
+    """Per-kernel times (torch.profiler) of seqpar fwd+bwd under launch-config variants."""
+    import copy
+    import importlib
+
+    chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
+    base = copy.deepcopy(chunk.CONFIG)
+    lines = ["| shape | variant | seg_chunks | kernel ms: " + " / ".join(
+        ["seg_state", "scan", "fwd_out", "dqdk", "dv"]) + " | fwd+bwd ms (do_bench) |", "|---|---|---|---|---|"]
+    from triton.testing import do_bench
+    from torch.profiler import ProfilerActivity, profile
+
+    from seqpar import lightning_attn
+
+    for B, H, T, D in shapes:
+        q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        s = alibi_slopes(H).to(device)
+        do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+        for name in variants:
+            cfg = copy.deepcopy(base)
+            for key, val in TUNE_VARIANTS[name].items():
+                if isinstance(val, dict):
+                    cfg[key].update(val)
+                else:
+                    cfg[key] = val
+            chunk.CONFIG.clear()
+            chunk.CONFIG.update(cfg)
+            try:
+                step = lambda: lightning_attn(q, k, v, s, backend="triton")[0].backward(do)  # noqa: E731
+                step()
+                torch.cuda.synchronize()
+                plan = chunk._Plan(B, T, H, D, D, None, q.device)
+                n = 3
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(n):
+                        step()
+                    torch.cuda.synchronize()
+                times = {}
+                for ev in prof.key_averages():
+                    t = getattr(ev, "device_time_total", None)
+                    t = ev.cuda_time_total if t is None else t
+                    for kname in ("_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel",
+                                  "_bwd_dv_kernel"):
+                        if kname in ev.key:
+                            times[kname] = times.get(kname, 0.0) + t / n / 1000.0
+                tot = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v], quantiles=[0.5])
+                tot = tot[0] if isinstance(tot, (list, tuple)) else tot
+                ks = " / ".join(f"{times.get(x, float('nan')):.3f}" for x in (
+                    "_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel"))
+                line = f"| {B},{H},{T},{D} | {name} | {plan.seg_chunks} | {ks} | {tot:.3f} |"
+            except Exception as e:  # noqa: BLE001
+                line = f"| {B},{H},{T},{D} | {name} | error {type(e).__name__}: {str(e)[:80]} | | |"
+            print(line, flush=True)
+            lines.append(line)
+        del q, k, v, do
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(base)
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=None, help="B,H,T,D ...")
@@ -221,8 +295,17 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--breakdown", default="4,16,32768,128")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip the rest after this many seconds")
+    ap.add_argument("--tune", nargs="*", default=None, help="variants of chunk.CONFIG to profile (see TUNE_VARIANTS)")
     args = ap.parse_args()
     device = "cuda"
+    if args.tune is not None:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else [(4, 16, 32768, 128)]
+        text = tune(shapes, args.tune or list(TUNE_VARIANTS), device)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(text + "\n")
+        return
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else DEFAULT_SHAPES
     impls = make_impls(args.impls.split(","))
     t0 = time.time()

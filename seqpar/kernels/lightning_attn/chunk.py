@@ -42,6 +42,18 @@ POISON = os.environ.get("SEQPAR_POISON", "0") not in ("", "0")
 SEG_CHUNKS: Optional[int] = None
 # fp32 inputs: "ieee" (exact fp32 dots) or "tf32" (tensor cores, ~1e-3 relative error).
 FP32_PRECISION = os.environ.get("SEQPAR_FP32_PRECISION", "ieee")
+# Launch configuration (GPU). BLK: the largest block of the split head dim (E for "fwd"/"dv", D for
+# "dqdk", both for "seg"/"scan"); it is capped so that a register-resident fp32 state block has at most
+# 128 x 128 elements. Segments get ``waves`` x SMs programs of the output kernel, at most ``seg_max`` chunks.
+CONFIG = {
+    "seg": dict(BLK=64, num_warps=4, num_stages=2),
+    "scan": dict(BLK=64, num_warps=4),
+    "fwd": dict(BLK=64, num_warps=8, num_stages=2),
+    "dqdk": dict(BLK=64, num_warps=8, num_stages=2),
+    "dv": dict(BLK=64, num_warps=8, num_stages=2),
+    "waves": 4,
+    "seg_max": 32,
+}
 
 
 def _p2(n: int) -> int:
@@ -406,9 +418,9 @@ class _Plan:
         if seg_chunks is None:
             if device.type == "cuda":
                 sms = torch.cuda.get_device_properties(device).multi_processor_count
-                neb = triton.cdiv(E, 64)
-                # enough programs for ~4 waves of the output kernel, segments of at most 32 chunks
-                seg_chunks = max(1, min(32, (n_chunks * H * neb) // (4 * sms)))
+                neb = triton.cdiv(E, _blk("fwd", E, D))
+                # enough programs for CONFIG["waves"] waves of the output kernel
+                seg_chunks = max(1, min(CONFIG["seg_max"], (n_chunks * H * neb) // (CONFIG["waves"] * sms)))
             else:
                 seg_chunks = 4
         self.seg_chunks = int(seg_chunks)
@@ -454,10 +466,21 @@ def _prec(dtype) -> str:
     return FP32_PRECISION if dtype == torch.float32 else "tf32"
 
 
-def _blocks_state(D, E):
-    BD = min(64, _p2(D))
-    BE = min(64, _p2(E))
+def _blk(kind, x, other):
+    """Block of the split dim x (the other dim `other` is held whole, or is split the same way)."""
+    return max(16, min(CONFIG[kind]["BLK"], _p2(x), 16384 // _p2(other)))
+
+
+def _blocks_state(D, E, kind="seg"):
+    BD = min(CONFIG[kind]["BLK"], _p2(D))
+    BE = min(CONFIG[kind]["BLK"], _p2(E))
     return BD, BE
+
+
+def _launch(kind):
+    c = dict(CONFIG[kind])
+    c.pop("BLK")
+    return c
 
 
 def _new(shape, dtype, device):
@@ -465,10 +488,6 @@ def _new(shape, dtype, device):
     if POISON:
         x.fill_(float("nan"))
     return x
-
-
-def _warps(BD, BE):
-    return 8 if BD * BE >= 128 * 64 else 4
 
 
 def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
@@ -486,7 +505,7 @@ def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
         plan.segstart if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T, float(w_scale),
         BT=CHUNK, BD=BD, BE=BE, FROM_END=from_end, IS_VARLEN=plan.is_varlen, PREC=prec, UP=_up(a),
-        num_warps=4,
+        **_launch("seg"),
     )
     return out
 
@@ -495,7 +514,7 @@ def _scan(buf, init, slopes, plan, reverse, store_fin):
     H, D, E = plan.H, plan.D, plan.E
     dev = buf.device
     fin = torch.empty(plan.N, H, D, E, dtype=torch.float32, device=dev) if store_fin else None
-    BD, BE = _blocks_state(D, E)
+    BD, BE = _blocks_state(D, E, "scan")
     grid = (plan.N * H * triton.cdiv(D, BD) * triton.cdiv(E, BE),)
     d = _dummy(dev)
     _scan_kernel[grid](
@@ -503,7 +522,7 @@ def _scan(buf, init, slopes, plan, reverse, store_fin):
         plan.cu if plan.is_varlen else d, plan.segoff if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T,
         BD=BD, BE=BE, REVERSE=reverse, HAS_INIT=init is not None, STORE_FIN=store_fin,
-        IS_VARLEN=plan.is_varlen, num_warps=4,
+        IS_VARLEN=plan.is_varlen, **_launch("scan"),
     )
     return fin
 
@@ -526,13 +545,13 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
     o = _new(v.shape, q.dtype, dev)
     if plan.NSEG > 0:
         BD = _p2(D)
-        BE = min(_p2(E), 64 if BD <= 128 else 32)
+        BE = _blk("fwd", E, D)
         grid = (plan.NSEG * H * triton.cdiv(E, BE),)
         _fwd_out_kernel[grid](
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            num_warps=_warps(BD, BE), num_stages=2,
+            **_launch("fwd"),
         )
     return o, ht, hbuf
 
@@ -552,7 +571,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
     dG = None
     if plan.NSEG > 0:
         BE = _p2(E)
-        BDq = min(_p2(D), 64 if BE <= 128 else 32)
+        BDq = _blk("dqdk", D, E)
         NDB = triton.cdiv(D, BDq)
         if compute_dg:
             dgq = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
@@ -564,16 +583,16 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, num_warps=_warps(BDq, BE), num_stages=2,
+            COMPUTE_DG=compute_dg, **_launch("dqdk"),
         )
         BD = _p2(D)
-        BEv = min(_p2(E), 64 if BD <= 128 else 32)
+        BEv = _blk("dv", E, D)
         grid = (plan.NSEG * H * triton.cdiv(E, BEv),)
         _bwd_dv_kernel[grid](
             q, k, do, dv, gbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            num_warps=_warps(BD, BEv), num_stages=2,
+            **_launch("dv"),
         )
         if compute_dg:
             dG = dgq.sum(0) - dgk.sum(0)
