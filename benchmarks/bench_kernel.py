@@ -222,6 +222,12 @@ TUNE_VARIANTS = {
     "seg16": {"seg_max": 16},
     "seg64": {"seg_max": 64, "waves": 2},
     "segblk128": {"seg": {"BLK": 128, "num_warps": 8}},
+    "w4st3": {k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv")},
+    "w4st4": {k: {"num_warps": 4, "num_stages": 4} for k in ("fwd", "dqdk", "dv")},
+    "w4st3s32": {**{k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv")}, "scan": {"BLK": 32}},
+    "w4st3s32seg3": {**{k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv", "seg")},
+                     "scan": {"BLK": 32}},
+    "w4s32": {**{k: {"num_warps": 4} for k in ("fwd", "dqdk", "dv")}, "scan": {"BLK": 32}},
 }
 
 
@@ -239,6 +245,7 @@ def tune(shapes, variants, device):
 
     from seqpar import lightning_attn
 
+    results = []
     for B, H, T, D in shapes:
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         s = alibi_slopes(H).to(device)
@@ -275,6 +282,8 @@ def tune(shapes, variants, device):
                 ks = " / ".join(f"{times.get(x, float('nan')):.3f}" for x in (
                     "_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel"))
                 line = f"| {B},{H},{T},{D} | {name} | {plan.seg_chunks} | {ks} | {tot:.3f} |"
+                if (B, H, T, D) == shapes[0]:
+                    results.append((name, tot))
             except Exception as e:  # noqa: BLE001
                 line = f"| {B},{H},{T},{D} | {name} | error {type(e).__name__}: {str(e)[:80]} | | |"
             print(line, flush=True)
@@ -282,6 +291,11 @@ def tune(shapes, variants, device):
         del q, k, v, do
     chunk.CONFIG.clear()
     chunk.CONFIG.update(base)
+    best = min(results, key=lambda r: r[1]) if results else None
+    if best is not None:
+        import json
+
+        print("BEST_CONFIG " + json.dumps(TUNE_VARIANTS[best[0]]), flush=True)
     return "\n".join(lines)
 
 
@@ -318,6 +332,7 @@ def main():
         f"torch {torch.__version__}, triton {triton.__version__}, "
         f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, bf16, "
         f"median of triton.testing.do_bench(warmup={args.warmup}, rep={args.rep}); "
+        f"seqpar launch config overrides: {os.environ.get('SEQPAR_LA_CONFIG', 'none')}; "
         "ALiBi slopes; command: `python benchmarks/bench_kernel.py " + " ".join(sys.argv[1:]) + "`",
         "",
     ]

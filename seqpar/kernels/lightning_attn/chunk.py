@@ -48,12 +48,26 @@ FP32_PRECISION = os.environ.get("SEQPAR_FP32_PRECISION", "ieee")
 CONFIG = {
     "seg": dict(BLK=64, num_warps=4, num_stages=2),
     "scan": dict(BLK=64, num_warps=4),
-    "fwd": dict(BLK=64, num_warps=8, num_stages=2),
-    "dqdk": dict(BLK=64, num_warps=8, num_stages=2),
-    "dv": dict(BLK=64, num_warps=8, num_stages=2),
+    "fwd": dict(BLK=64, num_warps=4, num_stages=2),
+    "dqdk": dict(BLK=64, num_warps=4, num_stages=2),
+    "dv": dict(BLK=64, num_warps=4, num_stages=2),
     "waves": 4,
     "seg_max": 32,
 }
+
+
+def _apply_config(overrides: dict) -> None:
+    for key, val in overrides.items():
+        if isinstance(val, dict):
+            CONFIG[key].update(val)
+        else:
+            CONFIG[key] = val
+
+
+if os.environ.get("SEQPAR_LA_CONFIG"):  # e.g. '{"fwd": {"num_warps": 4}}', for tuning runs
+    import json
+
+    _apply_config(json.loads(os.environ["SEQPAR_LA_CONFIG"]))
 
 
 def _p2(n: int) -> int:
