@@ -53,6 +53,14 @@ CONFIG = {
     "dv": dict(BLK=64, num_warps=4, num_stages=2),
     "waves": 4,
     "seg_max": 32,
+    # overrides when both head dims fit in 64 (H100, B2 H32 T32K D64: 2.19 -> 2.05 ms fwd+bwd; the same
+    # settings at D=128 cost 5.7 -> 9.1 ms, see benchmarks/NOTES_kernel.md)
+    "small": {
+        "scan": dict(BLK=32),
+        "fwd": dict(num_stages=3),
+        "dqdk": dict(num_stages=3),
+        "dv": dict(num_stages=3),
+    },
 }
 
 
@@ -485,14 +493,20 @@ def _blk(kind, x, other):
     return max(16, min(CONFIG[kind]["BLK"], _p2(x), 16384 // _p2(other)))
 
 
-def _blocks_state(D, E, kind="seg"):
-    BD = min(CONFIG[kind]["BLK"], _p2(D))
-    BE = min(CONFIG[kind]["BLK"], _p2(E))
-    return BD, BE
-
-
-def _launch(kind):
+def _cfg(kind, D, E) -> dict:
     c = dict(CONFIG[kind])
+    if _p2(D) <= 64 and _p2(E) <= 64:
+        c.update(CONFIG.get("small", {}).get(kind, {}))
+    return c
+
+
+def _blocks_state(D, E, kind="seg"):
+    blk = _cfg(kind, D, E)["BLK"]
+    return min(blk, _p2(D)), min(blk, _p2(E))
+
+
+def _launch(kind, D, E):
+    c = _cfg(kind, D, E)
     c.pop("BLK")
     return c
 
@@ -519,7 +533,7 @@ def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
         plan.segstart if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T, float(w_scale),
         BT=CHUNK, BD=BD, BE=BE, FROM_END=from_end, IS_VARLEN=plan.is_varlen, PREC=prec, UP=_up(a),
-        **_launch("seg"),
+        **_launch("seg", D, E),
     )
     return out
 
@@ -536,7 +550,7 @@ def _scan(buf, init, slopes, plan, reverse, store_fin):
         plan.cu if plan.is_varlen else d, plan.segoff if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T,
         BD=BD, BE=BE, REVERSE=reverse, HAS_INIT=init is not None, STORE_FIN=store_fin,
-        IS_VARLEN=plan.is_varlen, **_launch("scan"),
+        IS_VARLEN=plan.is_varlen, **_launch("scan", D, E),
     )
     return fin
 
@@ -565,7 +579,7 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            **_launch("fwd"),
+            **_launch("fwd", D, E),
         )
     return o, ht, hbuf
 
@@ -597,7 +611,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, **_launch("dqdk"),
+            COMPUTE_DG=compute_dg, **_launch("dqdk", D, E),
         )
         BD = _p2(D)
         BEv = _blk("dv", E, D)
@@ -606,7 +620,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
             q, k, do, dv, gbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            **_launch("dv"),
+            **_launch("dv", D, E),
         )
         if compute_dg:
             dG = dgq.sum(0) - dgk.sum(0)
