@@ -139,6 +139,7 @@ def _check(B, T, H, D, E, dtype, decay, with_h0, with_dht, cu=None, seed=0):
         (1, 130, 2, 128, 96, "strong", True, True),
         (1, 200, 2, 32, 16, "extreme", False, True),
         (1, 257, 1, 64, 128, "weak", False, False),
+        (1, 70, 1, 256, 96, "strong", True, True),
     ],
 )
 def test_fp32_matches_reference(B, T, H, D, E, decay, with_h0, with_dht):

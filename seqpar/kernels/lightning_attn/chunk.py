@@ -28,6 +28,8 @@ arguments: a new T does not recompile. D and E are padded to powers of two (>= 1
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -76,6 +78,11 @@ if os.environ.get("SEQPAR_LA_CONFIG"):  # e.g. '{"fwd": {"num_warps": 4}}', for 
     import json
 
     _apply_config(json.loads(os.environ["SEQPAR_LA_CONFIG"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _p2(n: int) -> int:
@@ -439,7 +446,7 @@ class _Plan:
             seg_chunks = SEG_CHUNKS
         if seg_chunks is None:
             if device.type == "cuda":
-                sms = torch.cuda.get_device_properties(device).multi_processor_count
+                sms = _num_sms(device)
                 neb = triton.cdiv(E, _blk("fwd", E, D))
                 # enough programs for CONFIG["waves"] waves of the output kernel
                 seg_chunks = max(1, min(CONFIG["seg_max"], (n_chunks * H * neb) // (CONFIG["waves"] * sms)))
@@ -629,6 +636,11 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
     return dq, dk, dv, dh0, dG
 
 
+def _on(device):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class LightningAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slopes, scale, initial_state, cu_seqlens, seg_chunks):
@@ -638,7 +650,8 @@ class LightningAttnFunction(torch.autograd.Function):
         s = slopes.detach().float().contiguous()
         h0 = initial_state.detach().float().contiguous() if initial_state is not None else None
         plan = _Plan(B, T, H, D, E, cu_seqlens, q.device, seg_chunks)
-        o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan)
+        with _on(q.device):
+            o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan)
         ctx.save_for_backward(q, k, v, s, hbuf, ht)
         ctx.plan = plan
         ctx.scale = scale
@@ -657,9 +670,10 @@ class LightningAttnFunction(torch.autograd.Function):
             do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
         do = do.contiguous()
         dht_f = dht.float().contiguous() if dht is not None else None
-        dq, dk, dv, dh0, dG = lightning_attn_bwd(
-            q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, compute_dg
-        )
+        with _on(q.device):
+            dq, dk, dv, dh0, dG = lightning_attn_bwd(
+                q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, compute_dg
+            )
         dslopes = None
         if compute_dg:
             w = plan.t_local(q.device) + 1.0  # [B*T]
