@@ -228,6 +228,8 @@ TUNE_VARIANTS = {
     "w4st3s32seg3": {**{k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv", "seg")},
                      "scan": {"BLK": 32}},
     "w4s32": {**{k: {"num_warps": 4} for k in ("fwd", "dqdk", "dv")}, "scan": {"BLK": 32}},
+    "fused": {"fuse_dkdv": True, "dv": {"BLK": 128}},
+    "fused_w8": {"fuse_dkdv": True, "dv": {"BLK": 128, "num_warps": 8}},
 }
 
 

@@ -199,6 +199,14 @@ def test_no_slope_grad_and_no_final_state():
         assert rel(a.grad.cpu(), b.grad) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_dkdv_variant(dtype, monkeypatch):
+    """CONFIG["fuse_dkdv"]: dk computed in the dv kernel's reverse walk (one E block covers E)."""
+    monkeypatch.setitem(chunk.CONFIG, "fuse_dkdv", True)
+    cu = torch.tensor([0, 50, 50, 131], dtype=torch.int32)
+    _check(1, 131, 2, 96, 48, dtype, "strong", True, True, cu=cu)
+
+
 def test_segment_length_does_not_change_the_result(monkeypatch):
     q, k, v, s, h0, _, _ = _make(1, 300, 2, 16, 16, torch.float32, "strong", True)
     dev = lambda x: x.to(DEV)  # noqa: E731

@@ -55,6 +55,9 @@ CONFIG = {
     "dv": dict(BLK=64, num_warps=4, num_stages=2),
     "waves": 4,
     "seg_max": 32,
+    # compute dk in the dv kernel (one reverse walk instead of two) when one E block of "dv" covers E;
+    # off until measured on a GPU (benchmarks/NOTES_kernel.md, next steps)
+    "fuse_dkdv": False,
     # overrides when both head dims fit in 64 (H100, B2 H32 T32K D64: 2.19 -> 2.05 ms fwd+bwd; the same
     # settings at D=128 cost 5.7 -> 9.1 ms, see benchmarks/NOTES_kernel.md)
     "small": {
@@ -283,6 +286,7 @@ def _bwd_dqdk_kernel(
     scale, T, H, D, E, NS, SEG_T, NTOK,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
+    DO_DK: tl.constexpr,
 ):
     """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
 
@@ -338,45 +342,51 @@ def _bwd_dqdk_kernel(
             g = tl.sum(q.to(tl.float32) * dq, axis=1)
             tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
 
-    # ---- dk: reverse walk, RT = R^T block [BE, BD]
-    RT = tl.load(gbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
-    nch = tl.cdiv(end - start, BT)
-    for c in range(0, nch):
-        cs = start + (nch - 1 - c) * BT
-        L = tl.minimum(end - cs, BT)
-        tok = cs + o_t
-        m_t = o_t < L
-        tok64 = tok.to(tl.int64)
-        m_td = m_t[:, None] & m_d[None, :]
-        doT = tl.load(do_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
-        v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
-        q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
-        A2T = _dot(v, doT, PREC, UP) * tl.trans(decay)  # [j, i]
-        dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
-        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
-        vd = v.to(tl.float32) * k_w[:, None]
-        qd = q.to(tl.float32) * (q_w * scale)[:, None]
-        if STATE_FP32:
-            dk += _dot(vd, RT, PREC, UP)
-            RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT.to(tl.float32), qd, PREC, UP)
-        else:
-            dk += _dot(vd.to(v.dtype), RT.to(v.dtype), PREC, UP)
-            RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT, qd.to(doT.dtype), PREC, UP)
-        tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
-        if COMPUTE_DG:
-            k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
-            g = tl.sum(k.to(tl.float32) * dk, axis=1)
-            tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+    if DO_DK:
+        # ---- dk: reverse walk, RT = R^T block [BE, BD]
+        RT = tl.load(gbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
+        nch = tl.cdiv(end - start, BT)
+        for c in range(0, nch):
+            cs = start + (nch - 1 - c) * BT
+            L = tl.minimum(end - cs, BT)
+            tok = cs + o_t
+            m_t = o_t < L
+            tok64 = tok.to(tl.int64)
+            m_td = m_t[:, None] & m_d[None, :]
+            doT = tl.load(do_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
+            v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            A2T = _dot(v, doT, PREC, UP) * tl.trans(decay)  # [j, i]
+            dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
+            k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+            vd = v.to(tl.float32) * k_w[:, None]
+            qd = q.to(tl.float32) * (q_w * scale)[:, None]
+            if STATE_FP32:
+                dk += _dot(vd, RT, PREC, UP)
+                RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT.to(tl.float32), qd, PREC, UP)
+            else:
+                dk += _dot(vd.to(v.dtype), RT.to(v.dtype), PREC, UP)
+                RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT, qd.to(doT.dtype), PREC, UP)
+            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+            if COMPUTE_DG:
+                k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+                g = tl.sum(k.to(tl.float32) * dk, axis=1)
+                tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T", "NS"])
 def _bwd_dv_kernel(
-    q_ptr, k_ptr, do_ptr, dv_ptr, gbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dk_ptr, dgk_ptr, gbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+    DO_DK: tl.constexpr, COMPUTE_DG: tl.constexpr,
 ):
-    """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block."""
+    """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block.
+
+    DO_DK (only when one E block covers E): also dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i
+    + lambda^(L-1-j) v_j R^T in the same reverse walk (and k.dk for the slope gradient).
+    """
     pid = tl.program_id(0)
     NEB = tl.cdiv(E, BE)
     i_e = pid % NEB
@@ -410,6 +420,20 @@ def _bwd_dv_kernel(
         AT = _dot(k, qT, PREC, UP) * decayT  # [j, i]
         dv = _dot(AT.to(do.dtype), do, PREC, UP) * scale
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        if DO_DK:
+            m_td = m_t[:, None] & m_d[None, :]
+            v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+            A2T = _dot(v, tl.trans(do), PREC, UP) * decayT  # [j, i]
+            dk = _dot(A2T.to(qT.dtype), tl.trans(qT), PREC, UP) * scale
+            vd = v.to(tl.float32) * k_w[:, None]
+            if STATE_FP32:
+                dk += _dot(vd, tl.trans(R), PREC, UP)
+            else:
+                dk += _dot(vd.to(v.dtype), tl.trans(R.to(v.dtype)), PREC, UP)
+            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+            if COMPUTE_DG:
+                g = tl.sum(k.to(tl.float32) * dk, axis=1)
+                tl.store(dgk_ptr + tok64 * H + h, g, mask=m_t)
         kd = k.to(tl.float32) * k_w[:, None]
         qd = qT.to(tl.float32) * q_w[None, :]
         if STATE_FP32:
@@ -608,9 +632,13 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
         BE = _p2(E)
         BDq = _blk("dqdk", D, E)
         NDB = triton.cdiv(D, BDq)
+        BD = _p2(D)
+        BEv = _blk("dv", E, D)
+        # dk in the dv kernel's reverse walk when one E block covers E (CONFIG["fuse_dkdv"])
+        fuse = bool(CONFIG.get("fuse_dkdv", False)) and BEv >= E
         if compute_dg:
             dgq = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
-            dgk = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
+            dgk = torch.empty(1 if fuse else NDB, ntok, H, dtype=torch.float32, device=dev)
         else:
             dgq = dgk = _dummy(dev)
         grid = (plan.NSEG * H * NDB,)
@@ -618,16 +646,14 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, **_launch("dqdk", D, E),
+            COMPUTE_DG=compute_dg, DO_DK=not fuse, **_launch("dqdk", D, E),
         )
-        BD = _p2(D)
-        BEv = _blk("dv", E, D)
         grid = (plan.NSEG * H * triton.cdiv(E, BEv),)
         _bwd_dv_kernel[grid](
-            q, k, do, dv, gbuf, slopes, *_seg_args(plan, dev),
+            q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            **_launch("dv", D, E),
+            DO_DK=fuse, COMPUTE_DG=compute_dg, **_launch("dv", D, E),
         )
         if compute_dg:
             dG = dgq.sum(0) - dgk.sum(0)
