@@ -11,7 +11,8 @@ The world of ``W`` ranks is laid out as a 2-D :class:`~torch.distributed.device_
   shard scaled to the SP group's token count (see ``TransNormerLLM._loss``), so DDP's average over the whole
   world gives exactly the gradient of the global-batch mean loss. This is why the strategy is a
   ``DDPStrategy`` (Lightning also keys sampler injection and ``sync_dist`` on that class).
-* Checkpoints: plain (replicated) state dicts written by rank 0, restorable under any dp x sp layout.
+* Checkpoints: plain (replicated) state dicts written by rank 0, restorable under any dp x sp layout, written
+  atomically (``AtomicCheckpointIO``: temporary file in the same directory, fsync, ``os.replace``).
 * Launch: Lightning's own launcher (``devices=N``; default ``start_method="popen"`` re-runs the script,
   ``"spawn"`` for notebooks / tests), or processes started by ``torchrun`` / SLURM, in which case no second
   set of processes is launched.
@@ -127,6 +128,21 @@ def _make_strategy_class(pl_module_name: str):
             self.sp_mode = sp_mode
             self._device_mesh = None
             self._mesh_key = None
+
+        # -------------------------------------------------------------- checkpoints
+        @property
+        def checkpoint_io(self):
+            """Default: :class:`~seqpar.strategies.checkpointing.AtomicCheckpointIO` (temporary file + atomic
+            rename, never a half-written ``.ckpt``); ``Trainer(plugins=[...])`` can set another one."""
+            if self._checkpoint_io is None and pl_module_name == "pytorch_lightning":
+                from .checkpointing import AtomicCheckpointIO
+
+                self._checkpoint_io = AtomicCheckpointIO()
+            return DDPStrategy.checkpoint_io.fget(self)
+
+        @checkpoint_io.setter
+        def checkpoint_io(self, io) -> None:
+            DDPStrategy.checkpoint_io.fset(self, io)
 
         # -------------------------------------------------------------- layout
         @property
