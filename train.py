@@ -80,7 +80,7 @@ class TrainerConfig:
     ckpt_dir: Optional[str] = None  # null: <out_dir>/checkpoints (last.ckpt + the newest keep_ckpts)
     ckpt_every: int = 250  # training steps between checkpoints; 0: only last.ckpt at the end
     keep_ckpts: int = 2
-    resume: Optional[str] = None  # path to a .ckpt | auto (<ckpt_dir>/last.ckpt if present) | null
+    resume: Optional[str] = None  # path to a .ckpt | auto (newest complete .ckpt in ckpt_dir, if any) | null
     progress_bar: bool = True
 
 
@@ -96,6 +96,12 @@ class TrainConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+# Test-only fault injection (tests/test_reliability.py): SEQPAR_FAULT_AT_STEP=N makes global rank
+# SEQPAR_FAULT_RANK (default 0) exit with status 1 right before optimizer step N, on the first attempt only
+# (TORCHELASTIC_RESTART_COUNT unset or 0), so that torchrun --max-restarts restarts the job.
+FAULT_STEP_ENV, FAULT_RANK_ENV = "SEQPAR_FAULT_AT_STEP", "SEQPAR_FAULT_RANK"
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -131,6 +137,33 @@ def _torchelastic() -> bool:
     return all(k in os.environ for k in ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
 
 
+def _check_numbers(cfg) -> None:
+    """Range checks the schema's types cannot express (one-line ConfigError)."""
+    t, d, o = cfg.trainer, cfg.data, cfg.optim
+    rules = [
+        ("data.seq_len", d.seq_len, d.seq_len >= 1, ">= 1"),
+        ("data.batch_size", d.batch_size, d.batch_size >= 1, ">= 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.val_fraction", d.val_fraction, 0.0 <= d.val_fraction < 1.0, "in [0, 1)"),
+        ("parallel.sp", cfg.parallel.sp, cfg.parallel.sp is None or cfg.parallel.sp >= 1, ">= 1 or null"),
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0 disables)"),
+        ("optim.betas", list(o.betas), len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
+        ("trainer.max_steps", t.max_steps, t.max_steps >= 1, ">= 1"),
+        ("trainer.accumulate_grad_batches", t.accumulate_grad_batches, t.accumulate_grad_batches >= 1, ">= 1"),
+        ("trainer.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("trainer.val_check_interval", t.val_check_interval, t.val_check_interval is None or t.val_check_interval >= 1,
+         ">= 1 or null"),
+        ("trainer.ckpt_every", t.ckpt_every, t.ckpt_every >= 0, ">= 0 (0: only last.ckpt at the end)"),
+        ("trainer.keep_ckpts", t.keep_ckpts, t.keep_ckpts >= 1 or t.keep_ckpts == -1, ">= 1 (or -1: keep all)"),
+    ]
+    for key, value, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
 def resolve_layout(cfg) -> Dict[str, Any]:
     """accelerator, devices, num_nodes, world size and sp; validates sp and seq_len."""
     import torch
@@ -161,6 +194,7 @@ def resolve_layout(cfg) -> Dict[str, Any]:
             raise ConfigError(f"trainer.num_nodes must be a positive int, got {t.num_nodes!r}")
         num_nodes = t.num_nodes
         world = devices * num_nodes
+    _check_numbers(cfg)
     sp = cfg.parallel.sp if cfg.parallel.sp is not None else devices
     if sp < 1 or world % sp:
         divisors = [k for k in range(1, world + 1) if world % k == 0]
@@ -177,6 +211,57 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
+# ------------------------------------------------------------------------------------------------ callbacks
+def _callbacks():
+    """(StepSeeder, FaultInjector) classes; built on first use so that config errors need no Lightning import."""
+    global _CALLBACKS
+    if _CALLBACKS is not None:
+        return _CALLBACKS
+    import random
+
+    import numpy as np
+    import pytorch_lightning as pl
+    import torch
+
+    class StepSeeder(pl.Callback):
+        """Reseeds python / numpy / torch (CPU and CUDA) before every training micro-batch from (seed, optimizer
+        step, micro-batch, global rank).
+
+        Lightning checkpoints no RNG state, and a resumed run draws random numbers in another order (new
+        DataLoader iterators, no validation before the first step, ...): seeding each step from its index makes
+        dropout & co. a function of the step, so a resumed run repeats the uninterrupted one exactly.
+        """
+
+        def __init__(self, seed: int):
+            self.seed = int(seed)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            micro = batch_idx % max(1, trainer.accumulate_grad_batches)
+            s = (self.seed * 1_000_003 + trainer.global_step * 7919 + micro * 104_729 + trainer.global_rank) % 2**32
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)  # also seeds every CUDA device
+
+    class FaultInjector(pl.Callback):
+        """Test hook (env SEQPAR_FAULT_AT_STEP / SEQPAR_FAULT_RANK): kill one rank once, before step ``step``."""
+
+        def __init__(self, step: int, rank: int = 0):
+            self.step, self.rank = int(step), int(rank)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
+            if first_attempt and trainer.global_step == self.step and trainer.global_rank == self.rank:
+                print(f"[train.py] {FAULT_STEP_ENV}: rank {self.rank} exits before step {self.step}", flush=True)
+                sys.stderr.flush()
+                os._exit(1)
+
+    _CALLBACKS = (StepSeeder, FaultInjector)
+    return _CALLBACKS
+
+
+_CALLBACKS = None
+
+
 # ------------------------------------------------------------------------------------------------ build
 def build(cfg, layout):
     """(trainer, model, datamodule, ckpt_path); construction errors become ConfigError."""
@@ -189,6 +274,7 @@ def build(cfg, layout):
     from seqpar.models import TNLConfig
     from seqpar.models.lit import LitLM
     from seqpar.strategies import LightningSPStrategy
+    from seqpar.strategies.checkpointing import AtomicCheckpointIO, checkpoint_is_complete, find_resume_checkpoint
 
     t, d, o = cfg.trainer, cfg.data, cfg.optim
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same initial weights on every layout
@@ -218,12 +304,14 @@ def build(cfg, layout):
 
     ckpt_dir = t.ckpt_dir or os.path.join(t.out_dir, "checkpoints")
     ckpt_path = None
-    if t.resume == "auto":
-        last = os.path.join(ckpt_dir, "last.ckpt")
-        ckpt_path = last if os.path.isfile(last) else None
+    if t.resume == "auto":  # the newest complete checkpoint; truncated / corrupt files are skipped with a warning
+        ckpt_path = find_resume_checkpoint(ckpt_dir)
     elif t.resume:
         if not os.path.isfile(t.resume):
             raise ConfigError(f"trainer.resume: checkpoint not found: {t.resume}")
+        ok, why = checkpoint_is_complete(t.resume)
+        if not ok:
+            raise ConfigError(f"trainer.resume: {t.resume} is not a complete checkpoint ({why})")
         ckpt_path = t.resume
 
     if layout["world"] > 1 or layout["sp"] > 1:
@@ -240,14 +328,19 @@ def build(cfg, layout):
     ]
     if t.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every, 10))))
+    StepSeeder, FaultInjector = _callbacks()
+    callbacks.append(StepSeeder(cfg.seed))
+    if os.environ.get(FAULT_STEP_ENV):
+        callbacks.append(FaultInjector(int(os.environ[FAULT_STEP_ENV]), int(os.environ.get(FAULT_RANK_ENV, "0"))))
     trainer = pl.Trainer(
         accelerator=layout["accelerator"], devices=layout["devices"], num_nodes=layout["num_nodes"],
         strategy=strategy, precision=precision, max_steps=t.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=o.grad_clip or None,
         log_every_n_steps=t.log_every, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
-        logger=CSVLogger(t.out_dir, name="logs"), callbacks=callbacks, enable_progress_bar=t.progress_bar,
-        default_root_dir=t.out_dir, benchmark=False,
+        logger=CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every), callbacks=callbacks,
+        enable_progress_bar=t.progress_bar, default_root_dir=t.out_dir, benchmark=False,
+        plugins=[AtomicCheckpointIO()],
     )
     return trainer, model, dm, ckpt_path, ckpt_dir
 

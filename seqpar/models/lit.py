@@ -14,6 +14,13 @@ from .config import TNLConfig
 from .transnormer import TransNormerLLM
 
 
+def _check_finite_enabled() -> bool:
+    """The operator's NaN/inf switch (``set_check_finite`` / env ``SEQPAR_CHECK_FINITE``) also checks the loss."""
+    from seqpar.kernels.lightning_attn import interface
+
+    return bool(getattr(interface, "_check_finite", False))
+
+
 def warmup_cosine(step: int, warmup_steps: int, max_steps: Optional[int], min_lr_ratio: float) -> float:
     """LR multiplier: linear warmup to 1 over ``warmup_steps``, cosine down to ``min_lr_ratio`` at ``max_steps``.
 
@@ -48,7 +55,8 @@ class LitLM(pl.LightningModule):
     Batch: dict with ``"input_ids"`` [B, T] and ``"labels"`` [B, T] (already shifted; -100 ignored),
     optional ``"cu_seqlens"`` (B == 1). Under SP the strategy has already sliced T to the rank's shard.
 
-    Logged: ``train/loss`` (every step, the SP group's loss), ``train/lr``, ``train/tokens_per_s``
+    Logged: ``train/loss`` (every step, the mean over the data-parallel ranks of their SP groups' losses, i.e.
+    the loss of the global batch when every rank has as many valid tokens), ``train/lr``, ``train/tokens_per_s``
     (tokens of the global batch per second, each SP group's sequence counted once),
     ``train/tokens_per_gpu_per_s``, ``val/loss`` (epoch mean, synced over ranks).
     """
@@ -130,13 +138,23 @@ class LitLM(pl.LightningModule):
         if not isinstance(batch, dict) or "input_ids" not in batch or "labels" not in batch:
             got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise ValueError(f"batch must be a dict with 'input_ids' and 'labels' (optional 'cu_seqlens'), got {got}")
-        return batch["input_ids"], batch["labels"], batch.get("cu_seqlens")
+        ids = batch["input_ids"]
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and 0 in ids.shape:
+            raise ValueError(f"empty batch: input_ids has shape {tuple(ids.shape)} (B and T must be >= 1)")
+        return ids, batch["labels"], batch.get("cu_seqlens")
 
     def training_step(self, batch, batch_idx):
         input_ids, labels, cu = self._unpack(batch)
         out = self.model(input_ids, labels=labels, cu_seqlens=cu, return_logits=False)
         B = input_ids.shape[0]
-        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=B)
+        if _check_finite_enabled() and not bool(torch.isfinite(out.loss.detach())):
+            raise FloatingPointError(
+                f"non-finite training loss {out.loss.item()} at step {self.global_step} (batch {batch_idx}); "
+                "SEQPAR_CHECK_FINITE is on"
+            )
+        # sync_dist: the mean over all ranks = over dp (the ranks of an SP group hold the same group loss)
+        self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=B,
+                 sync_dist=True)
         opt = self._trainer.optimizers[0] if self._trainer is not None and self._trainer.optimizers else None
         if opt is not None:
             self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=B)
