@@ -207,6 +207,38 @@ def resolve_layout(cfg) -> Dict[str, Any]:
     return {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes, "world": world, "sp": sp}
 
 
+def init_torchelastic_process_group(accelerator: str) -> None:
+    """Under torchrun: initialise the default process group on a store namespaced by the restart attempt.
+
+    With ``torchrun --max-restarts`` the agent's TCPStore outlives a failed attempt, and the keys that gloo /
+    NCCL publish at rendezvous (e.g. each rank's listening address) are not namespaced per attempt: a
+    restarted rank can read its peer's address from the *previous* attempt and fail with "connectFullMesh
+    failed ... Connection refused". Prefixing the store with ``TORCHELASTIC_RESTART_COUNT`` makes every
+    attempt rendezvous on fresh keys. Lightning then finds the group initialised and keeps it.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if not _torchelastic() or not dist.is_available() or dist.is_initialized():
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    timeout = datetime.timedelta(minutes=30)  # Lightning's default
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=not agent_store and rank == 0,
+        timeout=timeout, multi_tenant=not agent_store,
+    )
+    store = dist.PrefixStore(f"seqpar/attempt_{attempt}", store)
+    backend = "gloo"
+    if accelerator in ("gpu", "cuda"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def _is_rank_zero() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
@@ -369,6 +401,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=r".*`num_workers`.*")
     if layout["accelerator"] == "gpu":
         torch.set_float32_matmul_precision("high")
+    init_torchelastic_process_group(layout["accelerator"])
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     trainer.save_checkpoint(os.path.join(ckpt_dir, "last.ckpt"))  # the final state, whatever ckpt_every was
     if trainer.is_global_zero:
