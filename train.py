@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -130,6 +131,12 @@ def load_config(config_files: List[str], overrides: List[str]):
         msg = str(e).strip().splitlines()[0]
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{msg}" + (f" (key: {key})" if key and key not in msg else "")) from None
+    except yaml.YAMLError as e:  # malformed YAML file
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ConfigError(f"invalid YAML in {path}{at}: {getattr(e, 'problem', None) or e}") from None
+    except (TypeError, ValueError) as e:  # e.g. a YAML file that is a list, not a mapping
+        raise ConfigError(f"{str(e).strip().splitlines()[0]}" + (f" ({path})" if config_files else "")) from None
     return cfg
 
 
@@ -299,6 +306,7 @@ def build(cfg, layout):
     """(trainer, model, datamodule, ckpt_path); construction errors become ConfigError."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.loggers import CSVLogger
 
     import seqpar.strategies  # noqa: F401  registers "lightning_sp"
@@ -327,12 +335,13 @@ def build(cfg, layout):
         )
         if d.kind == "memmap" and not os.path.exists(d.path):
             raise ValueError(f"data.path not found: {d.path}")
+        dm.setup("fit")  # open / build the datasets now: bad dtypes, sizes, task settings fail before training
         model = LitLM(
             model_cfg, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
             warmup_steps=o.warmup_steps, max_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
         )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
+    except (ValueError, TypeError, OSError) as e:
+        raise ConfigError(f"data: {e}" if "data" not in str(e).split(":")[0] else str(e)) from None
 
     ckpt_dir = t.ckpt_dir or os.path.join(t.out_dir, "checkpoints")
     ckpt_path = None
@@ -364,7 +373,15 @@ def build(cfg, layout):
     callbacks.append(StepSeeder(cfg.seed))
     if os.environ.get(FAULT_STEP_ENV):
         callbacks.append(FaultInjector(int(os.environ[FAULT_STEP_ENV]), int(os.environ.get(FAULT_RANK_ENV, "0"))))
-    trainer = pl.Trainer(
+    try:
+        trainer = _make_trainer(pl, t, o, layout, strategy, precision, callbacks, CSVLogger, AtomicCheckpointIO)
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
+    return trainer, model, dm, ckpt_path, ckpt_dir
+
+
+def _make_trainer(pl, t, o, layout, strategy, precision, callbacks, CSVLogger, AtomicCheckpointIO):
+    return pl.Trainer(
         accelerator=layout["accelerator"], devices=layout["devices"], num_nodes=layout["num_nodes"],
         strategy=strategy, precision=precision, max_steps=t.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=o.grad_clip or None,
@@ -374,7 +391,6 @@ def build(cfg, layout):
         enable_progress_bar=t.progress_bar, default_root_dir=t.out_dir, benchmark=False,
         plugins=[AtomicCheckpointIO()],
     )
-    return trainer, model, dm, ckpt_path, ckpt_dir
 
 
 def main(argv: Optional[List[str]] = None) -> int:
