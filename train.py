@@ -83,6 +83,7 @@ class TrainerConfig:
     keep_ckpts: int = 2
     resume: Optional[str] = None  # path to a .ckpt | auto (newest complete .ckpt in ckpt_dir, if any) | null
     progress_bar: bool = True
+    deterministic: bool = False  # torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG (GPU bitwise reruns)
 
 
 @dataclass
@@ -389,6 +390,7 @@ def _make_trainer(pl, t, o, layout, strategy, precision, callbacks, CSVLogger, A
         limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
         logger=CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every), callbacks=callbacks,
         enable_progress_bar=t.progress_bar, default_root_dir=t.out_dir, benchmark=False,
+        deterministic=bool(t.deterministic),
         plugins=[AtomicCheckpointIO()],
     )
 
@@ -418,6 +420,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if layout["accelerator"] == "gpu":
         torch.set_float32_matmul_precision("high")
     init_torchelastic_process_group(layout["accelerator"])
+    if cfg.trainer.resume == "auto" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        choice = [ckpt_path]  # every rank resumes from rank 0's choice (files may change while ranks start)
+        torch.distributed.broadcast_object_list(choice, src=0)
+        ckpt_path = choice[0]
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     trainer.save_checkpoint(os.path.join(ckpt_dir, "last.ckpt"))  # the final state, whatever ckpt_every was
     if trainer.is_global_zero:

@@ -103,7 +103,7 @@ def single_ref(tmp_path_factory):
 
 def test_same_seed_same_losses_cpu(tmp_path, single_ref):
     _, ref = single_ref
-    _run([*SINGLE, f"trainer.out_dir={tmp_path}"])
+    _run([*SINGLE, f"trainer.out_dir={tmp_path}", "trainer.deterministic=true"])
     (got,) = _losses_by_version(tmp_path)
     assert got == ref  # bitwise: same seed, same data order, same dropout masks
     _run([*SINGLE, "seed=1", f"trainer.out_dir={tmp_path / 'other_seed'}"])
