@@ -217,6 +217,15 @@ def test_sp_operator_bad_input_two_gloo_ranks(tmp_path):
     assert r0.get("length_mismatch", "other").startswith("other"), r0  # the peer errors out, it does not hang
 
 
+def test_strategy_rejects_sequence_not_divisible_by_sp():
+    from seqpar.strategies import shard_batch
+
+    x = torch.zeros(2, 7, dtype=torch.long)
+    batch = {"input_ids": x, "labels": x}
+    with pytest.raises(ValueError, match=r"T=7 is not divisible by sp_size=2.*T=8, padding labels with -100"):
+        shard_batch(batch, 0, 2)
+
+
 # ------------------------------------------------------------------------------------------ model / LitLM
 @pytest.fixture(scope="module")
 def model():
@@ -279,9 +288,10 @@ def test_litlm_nonfinite_loss_with_check_finite(check_finite):
 
 
 def test_check_finite_env_var_reaches_operator_and_loss():
-    code = ("import torch; from seqpar import lightning_attn; from seqpar.models.lit import _check_finite_enabled\n"
+    # (LitLM's loss check reads the same switch: seqpar.models.lit._check_finite_enabled)
+    code = ("import torch; from seqpar import lightning_attn; from seqpar.kernels.lightning_attn import interface\n"
             "q = torch.full((1, 4, 1, 2), float('nan'))\n"
-            "assert _check_finite_enabled()\n"
+            "assert interface._check_finite\n"
             "try:\n    lightning_attn(q, q, q, torch.ones(1))\nexcept ValueError as e:\n    print(e)\n")
     env = dict(os.environ, SEQPAR_CHECK_FINITE="1")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
