@@ -9,6 +9,10 @@
 Configuration = the dataclass schema below  <  ``--config`` YAML  <  ``key=value`` overrides (OmegaConf
 dotlist). Unknown keys, wrong types, ``parallel.sp`` not dividing the world size or ``data.seq_len`` not
 divisible by ``parallel.sp`` stop with a one-line error. ``--print-config`` shows the merged config.
+
+Fault tolerance: checkpoints are written atomically; ``trainer.resume=auto`` continues from the newest complete
+one (skipping truncated files), so the same command can be restarted, e.g. by
+``torchrun --max-restarts 3 ... train.py ... trainer.resume=auto``, and repeats the uninterrupted run's losses.
 """
 from __future__ import annotations
 
