@@ -119,7 +119,6 @@ def test_operator_empty_is_empty():
     assert o.shape == (0, 8, 2, 4)
 
 
-@pytest.mark.xfail(strict=True, reason="needs seqpar/kernels/lightning_attn/interface.py: scale is not checked to be finite")
 @pytest.mark.parametrize("scale", [NAN, INF])
 def test_operator_rejects_nonfinite_scale(scale):
     with pytest.raises(ValueError, match="scale"):
@@ -271,8 +270,6 @@ def test_litlm_rejects_empty_batches(which):
         lit.training_step({"input_ids": ids}, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="needs seqpar/models/transnormer.py _check_inputs: B == 0 / T == 0 end in a "
-                                       "reshape RuntimeError instead of a ValueError")
 @pytest.mark.parametrize("which", list(EMPTY))
 def test_model_rejects_empty_batches(model, which):
     with pytest.raises(ValueError, match="empty|B|T"):

@@ -318,6 +318,8 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"input_ids must be 2-D [B, T], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"empty batch: input_ids must be [B, T] with B >= 1 and T >= 1, got {tuple(input_ids.shape)}")
         if input_ids.numel() and input_ids.device.type != "meta":
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:

@@ -1,6 +1,7 @@
 """Public functional API of the Lightning Attention-2 operator: validation and backend dispatch."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Tuple
 
@@ -96,6 +97,8 @@ def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) 
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None (None means D**-0.5), got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
 
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor):
