@@ -339,6 +339,16 @@ def main():
         "",
     ]
     sections = []
+    out = args.out
+    if out is None:
+        tag = name.replace("NVIDIA ", "").split()[0].lower()
+        out = os.path.join(os.path.dirname(__file__), "results", f"kernel_{tag}.md")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+
+    def write(extra=()):  # after every row, so a run cut short keeps what it measured
+        with open(out, "w") as fh:
+            fh.write("\n".join(header) + "\n" + "\n\n".join(list(sections) + list(extra)) + "\n")
+
     if not args.no_check:
         sections.append(check_peers(impls, device))
         print(sections[-1], flush=True)
@@ -357,19 +367,13 @@ def main():
                 torch.cuda.empty_cache()
             table.append(line)
             print(line, flush=True)
+            write(["\n".join(table)])
     sections.append("\n".join(table))
     if args.breakdown and "seqpar" in impls and time.time() - t0 < args.budget_s:
         B, H, T, D = (int(x) for x in args.breakdown.split(","))
         sections.append(profile_breakdown(B, H, T, D, device))
-    text = "\n".join(header) + "\n" + "\n\n".join(sections) + "\n"
-    out = args.out
-    if out is None:
-        tag = name.replace("NVIDIA ", "").split()[0].lower()
-        out = os.path.join(os.path.dirname(__file__), "results", f"kernel_{tag}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        fh.write(text)
-    print(text)
+    write()
+    print("\n".join(header) + "\n" + "\n\n".join(sections))
 
 
 if __name__ == "__main__":

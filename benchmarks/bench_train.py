@@ -121,7 +121,7 @@ def main():
             T = 1 << 17
             while T <= args.max_tokens:
                 try:
-                    r = run_one("tnl", cfg, T, T, steps=2, warmup=1, ac=True, peak_tflops=args.peak_tflops)
+                    r = run_one("tnl", cfg, T, T, steps=1, warmup=1, ac=True, peak_tflops=args.peak_tflops)
                     rows.append(f"| {name} | {T} | {r['step_ms']:.0f} | {r['tps']:.0f} | {r['peak_gib']:.1f} |")
                 except torch.cuda.OutOfMemoryError:
                     rows.append(f"| {name} | {T} | OOM | | |")

@@ -1,0 +1,111 @@
+"""Plots (PNG) from the markdown tables in benchmarks/results/, for the README.
+
+    pip install -e ".[bench]" && python benchmarks/plot_results.py
+
+* train_throughput_<gpu>.png: tokens/GPU/s vs sequence length, TNL (Lightning Attention-2) vs LLaMA-SDPA,
+  from results/train_throughput_<gpu>.md (benchmarks/bench_train.py);
+* kernel_<gpu>.png: fwd+bwd time per token vs sequence length of the attention operators (B*T*H fixed
+  at B4 H16 up to 32K, then B1 T128K), from results/kernel_<gpu>.md (benchmarks/bench_kernel.py).
+Only what the tables hold is drawn; nothing is interpolated.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def rows(path):
+    """Table rows of a markdown file as lists of stripped cells (header and rule lines skipped)."""
+    out = []
+    for line in open(path):
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            out.append(cells)
+    return out
+
+
+def device_of(path):
+    m = re.search(r"device: ([^;]+);", open(path).read()) or re.search(r"# Kernel benchmark: (.+)", open(path).read())
+    return m.group(1).strip() if m else os.path.basename(path)
+
+
+def plot_train(path):
+    series = {}
+    for r in rows(path):
+        if len(r) != 8 or not r[2].isdigit() or not r[5].isdigit():
+            continue
+        model, attn, T, tps = r[0], r[1], int(r[2]), float(r[5])
+        series.setdefault((model, attn), []).append((T, tps))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (model, attn), pts in sorted(series.items()):
+        pts.sort()
+        style = "-o" if "Lightning" in attn else "--s"
+        ax.plot([p[0] for p in pts], [p[1] / 1e3 for p in pts], style, label=f"{model}, {attn}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length T (tokens per step fixed at 128K)")
+    ax.set_ylabel("training throughput, K tokens/GPU/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Training speed vs length, one {device_of(path)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = path[:-3] + ".png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_kernel(path):
+    series = {}
+    for r in rows(path):
+        if len(r) != 6 or r[0].count(",") != 3:
+            continue
+        B, H, T, D = r[0].split(",")
+        try:
+            ms = float(r[3])
+        except ValueError:
+            continue
+        if D != "128" or H != "16":
+            continue
+        T = int(T[:-1]) * 1024 if T.endswith("K") else int(T)
+        series.setdefault(r[1], []).append((T, ms * 1e3 / (int(B) * T)))  # microseconds per token
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], "-o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (H16 D128, B4; B1 at 128K)")
+    ax.set_ylabel("fwd+bwd time per token, ns (lower is better)")
+    ax.set_title(f"Attention operator fwd+bwd, bf16, {device_of(path)}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    out = path[:-3] + ".png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main():
+    made = []
+    for p in sorted(glob.glob(os.path.join(HERE, "train_throughput_*.md"))):
+        made.append(plot_train(p))
+    for p in sorted(glob.glob(os.path.join(HERE, "kernel_h*.md"))):
+        if p.endswith("_v1.md"):
+            continue
+        made.append(plot_kernel(p))
+    for m in made:
+        print("wrote", m)
+
+
+if __name__ == "__main__":
+    main()
