@@ -264,3 +264,36 @@ def _n_compiled(fn):
     if caches is not None:
         return sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in caches.values())
     return sum(len(c) for c in fn.cache.values())
+
+
+def test_out_of_shared_memory_relaunches_with_one_stage(monkeypatch):
+    """A launch whose tiles exceed shared memory (fp32, D = 256 on an H100) is retried with num_stages=1."""
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class FakeKernel:
+        __name__ = "fake_kernel"
+
+        def __init__(self, fits_stages):
+            self.fits_stages = fits_stages
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs["num_stages"])
+                if kwargs["num_stages"] > self.fits_stages:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return "ran"
+
+            return launch
+
+    monkeypatch.setattr(chunk, "_SINGLE_STAGE", set())
+    x = torch.zeros(1)
+    assert chunk._call(FakeKernel(1), (1,), x, BD=256, num_stages=2) == "ran"
+    assert calls == [2, 1]
+    assert chunk._call(FakeKernel(1), (1,), x, BD=256, num_stages=2) == "ran"  # remembered: no failed try
+    assert calls == [2, 1, 1]
+    assert chunk._call(FakeKernel(1), (1,), x, BD=128, num_stages=2) == "ran"  # another shape tries 2 stages
+    assert calls == [2, 1, 1, 2, 1]
+    with pytest.raises(OutOfResources):  # nothing left to shed: the error surfaces
+        chunk._call(FakeKernel(0), (1,), x, BD=64, num_stages=2)

@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 CHUNK = 64  # tokens per chunk (BT)
 # Debug aid: fill outputs with NaN before the kernels run, so an element no program writes shows up.
@@ -56,11 +57,13 @@ CONFIG = {
     "waves": 4,
     "seg_max": 32,
     # compute dk in the dv kernel (one reverse walk instead of two) when one E block of "dv" covers E;
-    # off until measured on a GPU (benchmarks/NOTES_kernel.md, next steps)
+    # a loss at D = E = 128 (register pressure of the 128 x 128 fp32 R), on for D, E <= 64 ("small")
+    # (benchmarks/NOTES_kernel.md)
     "fuse_dkdv": False,
     # overrides when both head dims fit in 64 (H100, B2 H32 T32K D64: 2.19 -> 2.05 ms fwd+bwd; the same
     # settings at D=128 cost 5.7 -> 9.1 ms, see benchmarks/NOTES_kernel.md)
     "small": {
+        "fuse_dkdv": True,  # H100, B2 H32 T32K D64: 2.05 -> 1.90 ms fwd+bwd
         "scan": dict(BLK=32),
         "fwd": dict(num_stages=3),
         "dqdk": dict(num_stages=3),
@@ -531,6 +534,13 @@ def _cfg(kind, D, E) -> dict:
     return c
 
 
+def _fuse_dkdv(D, E) -> bool:
+    """dk in the dv kernel's reverse walk: CONFIG["fuse_dkdv"], or CONFIG["small"]["fuse_dkdv"] for D, E <= 64."""
+    if _p2(D) <= 64 and _p2(E) <= 64 and "fuse_dkdv" in CONFIG.get("small", {}):
+        return bool(CONFIG["small"]["fuse_dkdv"])
+    return bool(CONFIG.get("fuse_dkdv", False))
+
+
 def _blocks_state(D, E, kind="seg"):
     blk = _cfg(kind, D, E)["BLK"]
     return min(blk, _p2(D)), min(blk, _p2(E))
@@ -540,6 +550,28 @@ def _launch(kind, D, E):
     c = _cfg(kind, D, E)
     c.pop("BLK")
     return c
+
+
+# Launches whose tiles did not fit in shared memory with the configured pipeline depth (e.g. fp32
+# inputs with D = 256): they are re-launched, and from then on launched, with num_stages = 1.
+_SINGLE_STAGE: set = set()
+
+
+def _call(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs), falling back to num_stages=1 when the tiles exceed shared memory."""
+    key = (getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)),) + tuple(
+        (k, str(v)) for k, v in sorted(kwargs.items()) if isinstance(v, (bool, int, str)) and k != "num_stages"
+    ) + tuple(str(a.dtype) for a in args[:1] if isinstance(a, torch.Tensor))
+    if key in _SINGLE_STAGE:
+        kwargs["num_stages"] = 1
+    try:
+        return kernel[grid](*args, **kwargs)
+    except OutOfResources:
+        if kwargs.get("num_stages", 1) <= 1:
+            raise
+        _SINGLE_STAGE.add(key)
+        kwargs["num_stages"] = 1
+        return kernel[grid](*args, **kwargs)
 
 
 def _new(shape, dtype, device):
@@ -559,7 +591,8 @@ def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
     BD, BE = _blocks_state(D, E)
     grid = (plan.NSEG * H * triton.cdiv(D, BD) * triton.cdiv(E, BE),)
     d = _dummy(dev)
-    _seg_state_kernel[grid](
+    _call(
+        _seg_state_kernel, grid,
         a, b, slopes, out, plan.cu if plan.is_varlen else d, plan.segseq if plan.is_varlen else d,
         plan.segstart if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T, float(w_scale),
@@ -576,7 +609,8 @@ def _scan(buf, init, slopes, plan, reverse, store_fin):
     BD, BE = _blocks_state(D, E, "scan")
     grid = (plan.N * H * triton.cdiv(D, BD) * triton.cdiv(E, BE),)
     d = _dummy(dev)
-    _scan_kernel[grid](
+    _call(
+        _scan_kernel, grid,
         buf, init if init is not None else d, fin if fin is not None else d, slopes,
         plan.cu if plan.is_varlen else d, plan.segoff if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T,
@@ -606,7 +640,8 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
         BD = _p2(D)
         BE = _blk("fwd", E, D)
         grid = (plan.NSEG * H * triton.cdiv(E, BE),)
-        _fwd_out_kernel[grid](
+        _call(
+            _fwd_out_kernel, grid,
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
@@ -635,21 +670,23 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
         BD = _p2(D)
         BEv = _blk("dv", E, D)
         # dk in the dv kernel's reverse walk when one E block covers E (CONFIG["fuse_dkdv"])
-        fuse = bool(CONFIG.get("fuse_dkdv", False)) and BEv >= E
+        fuse = _fuse_dkdv(D, E) and BEv >= E
         if compute_dg:
             dgq = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
             dgk = torch.empty(1 if fuse else NDB, ntok, H, dtype=torch.float32, device=dev)
         else:
             dgq = dgk = _dummy(dev)
         grid = (plan.NSEG * H * NDB,)
-        _bwd_dqdk_kernel[grid](
+        _call(
+            _bwd_dqdk_kernel, grid,
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
             COMPUTE_DG=compute_dg, DO_DK=not fuse, **_launch("dqdk", D, E),
         )
         grid = (plan.NSEG * H * triton.cdiv(E, BEv),)
-        _bwd_dv_kernel[grid](
+        _call(
+            _bwd_dv_kernel, grid,
             q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
