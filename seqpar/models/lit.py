@@ -35,6 +35,16 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: Optional[int], min_lr
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def adamw_impl(on_cuda: bool, grad_clip) -> dict:
+    """AdamW implementation kwargs: fused on CUDA, except with gradient clipping (Lightning's
+    mixed-precision plugins refuse to clip for an optimizer that unscales internally), then foreach."""
+    if not on_cuda:
+        return {}
+    if grad_clip:
+        return {"foreach": True}
+    return {"fused": True}
+
+
 class LitLM(pl.LightningModule):
     """TransNormerLLM language model as a LightningModule.
 
@@ -214,9 +224,8 @@ class LitLM(pl.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        kwargs = {}
-        if next(self.model.parameters()).is_cuda:
-            kwargs["fused"] = True
+        clip = getattr(self._trainer, "gradient_clip_val", None) if self._trainer is not None else None
+        kwargs = adamw_impl(next(self.model.parameters()).is_cuda, clip)
         opt = torch.optim.AdamW(self.param_groups(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, **kwargs)
         total, warmup, min_ratio = self._total_steps(), int(h.warmup_steps), float(h.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(

@@ -126,3 +126,12 @@ def test_trainer_fit_logs_and_learns(tmp_path):
     assert re.config == lit.config
     for (n, p), q in zip(lit.model.state_dict().items(), re.model.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_adamw_is_fused_on_cuda_only_without_gradient_clipping():
+    from seqpar.models.lit import adamw_impl
+
+    assert adamw_impl(False, 1.0) == {} and adamw_impl(False, None) == {}
+    assert adamw_impl(True, None) == {"fused": True} and adamw_impl(True, 0.0) == {"fused": True}
+    # Lightning's bf16/16-mixed plugins raise on clipping with a fused (self-unscaling) optimizer
+    assert adamw_impl(True, 1.0) == {"foreach": True}
