@@ -73,6 +73,11 @@ def _varlen_cases(P, L):
             [0, 10, T],  # doc straddles; shard 1 lies fully inside it
             [0, 2, 3, 6, 11, 15, 16, T],  # many short docs, one straddling by 2 tokens
         ]
+    if P == 8:  # L = 6 -> T = 48
+        return [
+            [0, 3, 30, 36, T],  # doc 1 spans ranks 0..4 (shards 1-4 inside it), doc 3 starts at shard start 36
+            [0, 1, 47, T],  # one long doc over all eight ranks, one-token docs at both ends
+        ]
     # P = 4, L = 9 -> T = 36
     return [
         [0, 4, 21, 27, T],  # doc 1 spans ranks 0..2 (shard 1 inside it), doc 3 starts at shard start 27
@@ -102,7 +107,7 @@ def _worker_unequal(rank, world, lens, cu):
         check_case(None, lens, mode=mode, cu=cu, offsets=True, decay="strong", seed=4, tag="unequal+cu")
 
 
-@pytest.mark.parametrize("world,L_dense,L_var", [(2, 13, 13), (4, 7, 9)])
+@pytest.mark.parametrize("world,L_dense,L_var", [(2, 13, 13), (4, 7, 9), (8, 5, 6)])
 def test_sp_matches_single_process(world, L_dense, L_var):
     run_workers(_worker_equal, world, L_dense, L_var)
 
