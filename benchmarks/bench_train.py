@@ -40,10 +40,12 @@ def tnl_attention_flops_per_token(cfg: TNLConfig, chunk: int = 64) -> float:
     return 3 * cfg.n_layers * cfg.n_heads * per_head
 
 
-def build(kind: str, cfg: TNLConfig, ac: bool):
+def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False):
     if kind == "tnl":
         cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac})
         model = TransNormerLLM(cfg)
+        if compile_blocks:  # torch.compile per block, one static graph per run (a fixed length, as in training)
+            model.compile_blocks()
     else:
         d, glu = cfg.d_model, cfg.glu_dim
         model = LlamaLM(cfg.vocab_size, d, cfg.n_layers, cfg.n_heads, hidden=glu + d // 3,
@@ -57,11 +59,13 @@ def loss_of(kind, model, x, y):
     return model(x, y)
 
 
-def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops):
+def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks=False):
     B = max(1, tokens // T)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = build(kind, cfg, ac)
+    torch._dynamo.reset()  # each row compiles afresh (no dynamic-shape graphs from earlier rows)
+    torch.manual_seed(0)  # same initial weights for every row of one model (compare first losses)
+    model = build(kind, cfg, ac, compile_blocks)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = cfg.vocab_size * cfg.d_model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -80,6 +84,8 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops):
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if i == 0:
+            first_loss = loss.item()
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {loss.item()}")
     step = statistics.median(times)
@@ -90,7 +96,7 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops):
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, x, y, loss
     gc.collect()
-    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, peak_gib=peak, params=n_params)
+    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, peak_gib=peak, params=n_params, loss0=first_loss)
 
 
 def main():
@@ -104,6 +110,7 @@ def main():
     ap.add_argument("--baseline", default="llama", help="'llama' or 'none'")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--longest", action="store_true")
+    ap.add_argument("--compile", default="0", help="TNL blocks under torch.compile: 0, 1, or 'both' (eager and compiled rows)")
     ap.add_argument("--max-tokens", type=int, default=1 << 23)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
@@ -132,21 +139,23 @@ def main():
                 print(rows[-1], flush=True)
                 T *= 2
     else:
-        head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | peak GiB |\n"
-                 "|---|---|---|---|---|---|---|---|\n")
-        kinds = ["tnl"] + (["llama"] if args.baseline == "llama" else [])
+        head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | peak GiB | loss, step 1 |\n"
+                 "|---|---|---|---|---|---|---|---|---|\n")
+        kinds = {"0": ["tnl"], "1": ["tnl+compile"], "both": ["tnl", "tnl+compile"]}[args.compile]
+        kinds += ["llama"] if args.baseline == "llama" else []
         for name in args.models.split(","):
             cfg = TNLConfig.preset(name)
             for T in [int(t) for t in args.lengths.split(",")]:
                 for kind in kinds:
-                    label = "Lightning Attention-2 (seqpar)" if kind == "tnl" else "softmax, torch SDPA"
+                    label = {"tnl": "Lightning Attention-2 (seqpar)", "llama": "softmax, torch SDPA",
+                             "tnl+compile": "Lightning Attention-2 (seqpar), blocks compiled"}[kind]
                     try:
-                        r = run_one(kind, cfg, T, args.tokens, args.steps, args.warmup, bool(args.ac),
-                                    args.peak_tflops)
+                        r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, bool(args.ac),
+                                    args.peak_tflops, compile_blocks=kind.endswith("compile"))
                         rows.append(f"| {name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
-                                    f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} |")
+                                    f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")
                     except torch.cuda.OutOfMemoryError:
-                        rows.append(f"| {name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | |")
+                        rows.append(f"| {name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | |")
                     finally:
                         gc.collect()
                         torch.cuda.empty_cache()

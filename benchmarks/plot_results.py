@@ -40,11 +40,13 @@ def device_of(path):
 def plot_train(path):
     series = {}
     for r in rows(path):
-        if len(r) != 8 or not r[2].isdigit() or not r[5].isdigit():
+        if len(r) not in (8, 9) or not r[2].isdigit() or not r[5].isdigit():
             continue
         model, attn, T, tps = r[0], r[1], int(r[2]), float(r[5])
-        series.setdefault((model, attn), []).append((T, tps))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+        pts = series.setdefault((model, attn), [])
+        if T not in [p[0] for p in pts]:  # a repeated measurement (a later run's reference row): keep the first
+            pts.append((T, tps))
+    fig, ax = plt.subplots(figsize=(7, 5.0))
     for (model, attn), pts in sorted(series.items()):
         pts.sort()
         style = "-o" if "Lightning" in attn else "--s"
@@ -55,7 +57,7 @@ def plot_train(path):
     ax.set_ylim(bottom=0)
     ax.set_title(f"Training speed vs length, one {device_of(path)}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     out = path[:-3] + ".png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -279,6 +279,19 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"sp_mode must be 'allgather' or 'ring', got {mode!r}")
         self._sp_mode = mode
 
+    def compile_blocks(self, **compile_kwargs) -> "TransNormerLLM":
+        """``torch.compile`` each block in place (torchtitan style; parameter names unchanged).
+
+        The Lightning Attention op (Triton / SP exchange) stays a graph break; the norms, activations,
+        gates, GLU and residual adds around it are fused. H100, tnl-0.4b, 128K tokens per step:
+        82K -> 120K tokens/s (benchmarks/results/train_throughput_h100.md). Default ``dynamic=False``:
+        one static graph per sequence length (training uses a fixed length). Returns self.
+        """
+        compile_kwargs.setdefault("dynamic", False)
+        for layer in self.layers:
+            layer.compile(**compile_kwargs)
+        return self
+
     # -- init / bookkeeping
     @torch.no_grad()
     def reset_parameters(self) -> None:
