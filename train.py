@@ -88,6 +88,7 @@ class TrainerConfig:
     keep_ckpts: int = 2
     resume: Optional[str] = None  # path to a .ckpt | auto (newest complete .ckpt in ckpt_dir, if any) | null
     progress_bar: bool = True
+    logger: str = "csv"  # csv (<out_dir>/logs/version_N/metrics.csv) | tensorboard (needs the tensorboard package)
     deterministic: bool = False  # torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG (GPU bitwise reruns)
 
 
@@ -177,6 +178,12 @@ def _check_numbers(cfg) -> None:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
 
 
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def resolve_layout(cfg) -> Dict[str, Any]:
     """accelerator, devices, num_nodes, world size and sp; validates sp and seq_len."""
     import torch
@@ -214,6 +221,11 @@ def resolve_layout(cfg) -> Dict[str, Any]:
         raise ConfigError(f"parallel.sp={sp} must divide the world size {world} (choose among {divisors})")
     if cfg.parallel.sp_mode not in ("allgather", "ring"):
         raise ConfigError(f"parallel.sp_mode must be allgather or ring, got {cfg.parallel.sp_mode!r}")
+    if t.logger not in ("csv", "tensorboard"):
+        raise ConfigError(f"trainer.logger must be csv or tensorboard, got {t.logger!r}")
+    if t.logger == "tensorboard" and not (_importable("tensorboard") or _importable("tensorboardX")):
+        raise ConfigError("trainer.logger=tensorboard needs the tensorboard package (pip install tensorboard), "
+                          "or use trainer.logger=csv")
     if cfg.data.seq_len % sp:
         up = -(-cfg.data.seq_len // sp) * sp
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.sp={sp} (use e.g. data.seq_len={up})")
@@ -388,6 +400,15 @@ def build(cfg, layout):
     return trainer, model, dm, ckpt_path, ckpt_dir
 
 
+def _make_logger(t, CSVLogger):
+    """Logs under <out_dir>/logs/version_N: CSV (metrics.csv) or TensorBoard event files."""
+    if t.logger == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(t.out_dir, name="logs")
+    return CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every)
+
+
 def _make_trainer(pl, t, o, layout, strategy, precision, callbacks, CSVLogger, AtomicCheckpointIO):
     return pl.Trainer(
         accelerator=layout["accelerator"], devices=layout["devices"], num_nodes=layout["num_nodes"],
@@ -395,7 +416,7 @@ def _make_trainer(pl, t, o, layout, strategy, precision, callbacks, CSVLogger, A
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=o.grad_clip or None,
         log_every_n_steps=t.log_every, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
-        logger=CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every), callbacks=callbacks,
+        logger=_make_logger(t, CSVLogger), callbacks=callbacks,
         enable_progress_bar=t.progress_bar, default_root_dir=t.out_dir, benchmark=False,
         deterministic=bool(t.deterministic),
         plugins=[AtomicCheckpointIO()],

@@ -73,6 +73,7 @@ def _losses(out_dir: Path) -> dict:
         (["--config", "configs/nonexistent.yaml"], "config file not found"),
         (["parallel.sp_mode=tree", "trainer.accelerator=cpu"], "sp_mode must be allgather or ring"),
         (["trainer.max_steps"], "overrides must be key=value"),
+        (["trainer.accelerator=cpu", "trainer.logger=wandb"], "trainer.logger must be csv or tensorboard"),
     ],
 )
 def test_config_errors_are_one_line(overrides, message, capsys):
@@ -82,6 +83,21 @@ def test_config_errors_are_one_line(overrides, message, capsys):
     text = str(e.value.code)
     assert text.startswith("train.py: config error: ") and "\n" not in text, text
     assert message in text, text
+
+
+def test_tensorboard_logger_needs_tensorboard(monkeypatch, tmp_path):
+    train = _train_module()
+    monkeypatch.setattr(train, "_importable", lambda name: False)
+    with pytest.raises(SystemExit) as e:
+        train.main(["trainer.accelerator=cpu", "trainer.logger=tensorboard", f"trainer.out_dir={tmp_path}"])
+    assert "trainer.logger=tensorboard needs the tensorboard package (pip install tensorboard)" in str(e.value.code)
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    _run(["--config", "configs/debug.yaml", "trainer.max_steps=3", "trainer.logger=tensorboard",
+          f"trainer.out_dir={tmp_path}"])
+    assert list(tmp_path.glob("logs/version_0/events.out.tfevents.*"))
 
 
 def test_configs_load_and_merge():
