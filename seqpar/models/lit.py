@@ -178,6 +178,9 @@ class LitLM(pl.LightningModule):
             self.log("train/tokens_per_s", local_tokens * world / dt, on_step=True, on_epoch=False, batch_size=B)
             self.log("train/tokens_per_gpu_per_s", local_tokens / dt, on_step=True, on_epoch=False, batch_size=B)
         self._last_step_time = now
+        if input_ids.is_cuda:  # the most any rank has held so far (training, incl. activations), GiB
+            self.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(input_ids.device) / 2**30, on_step=True,
+                     on_epoch=False, batch_size=B, sync_dist=True, reduce_fx="max")
         return out.loss
 
     def on_train_epoch_start(self) -> None:
