@@ -18,7 +18,7 @@ for p in 1 2 4 8; do
 done
 echo "== loss parity SP=1 vs SP=2, 50 steps of tnl-0.4b"
 python3 benchmarks/loss_parity.py --sp 2 --steps 50 --tag gpu_tnl04b --out "$OUT" -- \
-  --config configs/tnl-0.4b.yaml data.seq_len=16384 model.compile=true
+  --config configs/tnl-0.4b.yaml data.seq_len=16384
 echo "== training throughput: SP=$P vs SP=1 at the same tokens per GPU (32K per GPU)"
 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 trainer.devices=1 data.seq_len=32768 \
   trainer.max_steps=30 trainer.val_check_interval=null trainer.out_dir=/tmp/tp_sp1 2>&1 | tail -1
