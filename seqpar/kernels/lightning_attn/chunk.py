@@ -557,19 +557,23 @@ def _launch(kind, D, E):
 _SINGLE_STAGE: set = set()
 
 
+def _stage_key(kernel, args, kwargs) -> tuple:
+    """A launch's kernel, constexprs / launch options (num_stages aside) and first tensor's dtype."""
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+    opts = tuple((k, str(v)) for k, v in sorted(kwargs.items()) if isinstance(v, (bool, int, str)) and k != "num_stages")
+    return (name,) + opts + tuple(str(a.dtype) for a in args[:1] if isinstance(a, torch.Tensor))
+
+
 def _call(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), falling back to num_stages=1 when the tiles exceed shared memory."""
-    key = (getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)),) + tuple(
-        (k, str(v)) for k, v in sorted(kwargs.items()) if isinstance(v, (bool, int, str)) and k != "num_stages"
-    ) + tuple(str(a.dtype) for a in args[:1] if isinstance(a, torch.Tensor))
-    if key in _SINGLE_STAGE:
+    if _SINGLE_STAGE and _stage_key(kernel, args, kwargs) in _SINGLE_STAGE:  # no key work on the usual path
         kwargs["num_stages"] = 1
     try:
         return kernel[grid](*args, **kwargs)
     except OutOfResources:
         if kwargs.get("num_stages", 1) <= 1:
             raise
-        _SINGLE_STAGE.add(key)
+        _SINGLE_STAGE.add(_stage_key(kernel, args, kwargs))
         kwargs["num_stages"] = 1
         return kernel[grid](*args, **kwargs)
 
