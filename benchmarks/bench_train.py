@@ -15,6 +15,7 @@ memory, to find the longest sequence one GPU trains.
 Run on a GPU (the numbers in benchmarks/results/train_*.md come from this command):
     python benchmarks/bench_train.py --models tnl-0.4b,tnl-1b --lengths 2048,4096,8192,16384,32768,65536,131072
     python benchmarks/bench_train.py --longest --models tnl-0.4b
+    python benchmarks/bench_train.py --longest --offload --models tnl-0.4b --max-tokens 1048576
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def tnl_attention_flops_per_token(cfg: TNLConfig, chunk: int = 64) -> float:
     return 3 * cfg.n_layers * cfg.n_heads * per_head
 
 
-def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False):
+def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, offload: bool = False):
     if kind == "tnl":
-        cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac})
+        cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac, "activation_offload": offload})
         model = TransNormerLLM(cfg)
         if compile_blocks:  # torch.compile per block, one static graph per run (a fixed length, as in training)
             model.compile_blocks()
@@ -59,13 +60,13 @@ def loss_of(kind, model, x, y):
     return model(x, y)
 
 
-def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks=False):
+def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks=False, offload=False):
     B = max(1, tokens // T)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()  # each row compiles afresh (no dynamic-shape graphs from earlier rows)
     torch.manual_seed(0)  # same initial weights for every row of one model (compare first losses)
-    model = build(kind, cfg, ac, compile_blocks)
+    model = build(kind, cfg, ac, compile_blocks, offload)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = cfg.vocab_size * cfg.d_model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -112,6 +113,7 @@ def main():
     ap.add_argument("--longest", action="store_true")
     ap.add_argument("--compile", default="0", help="TNL blocks under torch.compile: 0, 1, or 'both' (eager and compiled rows)")
     ap.add_argument("--max-tokens", type=int, default=1 << 23)
+    ap.add_argument("--offload", action="store_true", help="--longest with activation_offload (block inputs in host memory)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -128,10 +130,13 @@ def main():
             T = 1 << 17
             while T <= args.max_tokens:
                 try:
-                    r = run_one("tnl", cfg, T, T, steps=1, warmup=1, ac=True, peak_tflops=args.peak_tflops)
+                    r = run_one("tnl", cfg, T, T, steps=1, warmup=1, ac=True, peak_tflops=args.peak_tflops,
+                                offload=args.offload)
                     rows.append(f"| {name} | {T} | {r['step_ms']:.0f} | {r['tps']:.0f} | {r['peak_gib']:.1f} |")
-                except torch.cuda.OutOfMemoryError:
-                    rows.append(f"| {name} | {T} | OOM | | |")
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as e:  # RuntimeError: pinned host memory
+                    if not isinstance(e, torch.cuda.OutOfMemoryError) and "memory" not in str(e):
+                        raise
+                    rows.append(f"| {name} | {T} | OOM ({type(e).__name__}) | | |")
                     break
                 finally:
                     gc.collect()
@@ -162,7 +167,7 @@ def main():
                     print(rows[-1], flush=True)
     table = head + "\n".join(rows) + "\n"
     os.makedirs(args.out, exist_ok=True)
-    tag = "longest" if args.longest else "throughput"
+    tag = ("longest_offload" if args.offload else "longest") if args.longest else "throughput"
     path = os.path.join(args.out, f"train_{tag}_{dev.replace(' ', '_')}.md")
     with open(path, "w") as f:
         f.write(table)

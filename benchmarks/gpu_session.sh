@@ -25,4 +25,5 @@ if [[ $what == train || $what == all ]]; then
   echo "== training throughput vs length (eager, compiled, LLaMA-SDPA) and the longest sequence"
   python3 benchmarks/bench_train.py --models tnl-0.4b --tokens 131072 --steps 3 --warmup 2 --compile both --out "$OUT"
   python3 benchmarks/bench_train.py --longest --models tnl-0.4b --out "$OUT"
+  python3 benchmarks/bench_train.py --longest --offload --models tnl-0.4b --max-tokens 1048576 --out "$OUT"
 fi

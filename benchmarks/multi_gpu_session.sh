@@ -32,13 +32,16 @@ if (( P >= 8 )); then
   torchrun --nproc_per_node 8 train.py --config configs/tnl-1b.yaml trainer.max_steps=100 parallel.sp=4 \
     trainer.out_dir=/tmp/tnl1b_sp4 2>&1 | tail -1
 fi
-echo "== longest tnl-0.4b sequence at SP=$P (activation checkpointing), doubling until it fails"
-for T in 524288 1048576 2097152 4194304 8388608; do
-  if torchrun --nproc_per_node "$P" train.py --config configs/tnl-0.4b.yaml parallel.sp="$P" data.seq_len=$T \
-      model.overrides.activation_checkpointing=true trainer.max_steps=2 trainer.log_every=1 \
-      trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/longest_$T > /tmp/longest_$T.log 2>&1; then
-    echo "T=$T trains at SP=$P: $(tail -1 /tmp/longest_$T/logs/version_0/metrics.csv)"
-  else
-    echo "T=$T fails at SP=$P: $(grep -m1 -o 'OutOfMemoryError.*' /tmp/longest_$T.log | head -c 200)"; break
-  fi
+for offload in false true; do
+  echo "== longest tnl-0.4b sequence at SP=$P (activation checkpointing, offload=$offload), doubling until it fails"
+  for T in 524288 1048576 2097152 4194304 8388608; do
+    run=/tmp/longest_${offload}_$T
+    if torchrun --nproc_per_node "$P" train.py --config configs/tnl-0.4b.yaml parallel.sp="$P" data.seq_len=$T \
+        model.overrides.activation_checkpointing=true model.overrides.activation_offload=$offload trainer.max_steps=2 \
+        trainer.log_every=1 trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=$run > $run.log 2>&1; then
+      echo "T=$T trains at SP=$P: $(tail -1 $run/logs/version_0/metrics.csv)"
+    else
+      echo "T=$T fails at SP=$P: $(grep -m1 -o 'OutOfMemoryError.*' $run.log | head -c 200)"; break
+    fi
+  done
 done

@@ -56,6 +56,9 @@ class TNLConfig:
         tie_embeddings: share the input embedding with the lm head.
         activation_checkpointing: recompute each block in the backward (torch.utils.checkpoint,
             use_reentrant=False), active in training mode only.
+        activation_offload: with activation_checkpointing, keep each block's saved input (the fp32
+            residual stream, 4 * d_model bytes per token and layer) in host memory, pinned, instead of on
+            the GPU; it is copied back when the block is recomputed. For the longest sequences.
         init_std: std of the normal init of all weights.
         scaled_init: divide the std of the residual output projections by sqrt(2 n_layers).
         max_seq_len: nominal training context (informational: the model has no position embedding
@@ -83,6 +86,7 @@ class TNLConfig:
     bias: bool = False
     tie_embeddings: bool = False
     activation_checkpointing: bool = False
+    activation_offload: bool = False
     init_std: float = 0.02
     scaled_init: bool = True
     max_seq_len: int = 2048
@@ -123,6 +127,9 @@ class TNLConfig:
                 raise ValueError(f"TNLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.attn_backend not in (None, "triton", "torch"):
             raise ValueError(f"TNLConfig.attn_backend must be None, 'triton' or 'torch', got {self.attn_backend!r}")
+        if self.activation_offload and not self.activation_checkpointing:
+            raise ValueError("TNLConfig.activation_offload needs activation_checkpointing=True (it offloads the "
+                             "checkpointed block inputs)")
         if self.learnable_slopes and self.decay == "none":
             raise ValueError("TNLConfig.learnable_slopes needs a decay ('tnl' or 'alibi'), got decay='none'")
 

@@ -20,6 +20,7 @@ the loss contract is described in :meth:`TransNormerLLM.forward`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -91,6 +92,11 @@ class SimpleRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+def _offload_saved():
+    """Saved-tensor hooks that keep saved tensors in (pinned, when CUDA is present) host memory."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
 def _sp_size(group) -> int:
@@ -415,7 +421,10 @@ class TransNormerLLM(nn.Module):
         for i, layer in enumerate(self.layers):
             h0 = initial_states[i] if initial_states is not None else None
             if ckpt:
-                x, ht = checkpoint(layer, x, cu_seqlens, group, None, False, self.sp_mode, use_reentrant=False)
+                # the checkpoint saves its inputs under the saved-tensor hooks active here (its own hooks only
+                # cover the block's internals): with activation_offload those hooks move them to host memory
+                with _offload_saved() if self.config.activation_offload else contextlib.nullcontext():
+                    x, ht = checkpoint(layer, x, cu_seqlens, group, None, False, self.sp_mode, use_reentrant=False)
             else:
                 x, ht = layer(x, cu_seqlens=cu_seqlens, sp_group=group, initial_state=h0,
                               output_final_state=output_final_states, sp_mode=self.sp_mode)

@@ -255,3 +255,46 @@ def test_compile_blocks_matches_eager(ac):
     assert torch.allclose(le, lc, rtol=1e-5, atol=1e-6), (le, lc)
     for (n, pe), pc in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(pe.grad, pc.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_activation_offload_moves_block_inputs_and_keeps_gradients(monkeypatch):
+    """activation_offload: exactly the n_layers checkpointed block inputs [B, T, d] go through the offload
+    hooks (nothing from inside the blocks), and loss and gradients equal plain checkpointing."""
+    import seqpar.models.transnormer as tn
+
+    with pytest.raises(ValueError, match="activation_offload needs activation_checkpointing=True"):
+        TNLConfig.preset("tiny", activation_offload=True)
+    cfg = TNLConfig.preset("tiny", activation_checkpointing=True, dropout=0.1)
+    cfg_off = TNLConfig.preset("tiny", activation_checkpointing=True, activation_offload=True, dropout=0.1)
+    torch.manual_seed(0)
+    ref = TransNormerLLM(cfg)
+    off = TransNormerLLM(cfg_off)
+    off.load_state_dict(ref.state_dict())
+    packed = []
+    real = tn._offload_saved
+
+    def spy():
+        hooks = real()  # save_on_cpu; wrap its pack to record what it is given
+        pack = hooks.pack_hook
+
+        def counting_pack(t):
+            packed.append(tuple(t.shape))
+            return pack(t)
+
+        hooks.pack_hook = counting_pack
+        return hooks
+
+    monkeypatch.setattr(tn, "_offload_saved", spy)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, cfg.vocab_size, (2, 80), generator=g)
+    losses = []
+    for m in (ref, off):
+        m.train()
+        torch.manual_seed(5)  # same dropout masks
+        loss = m(x, labels=x, return_logits=False).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert packed == [(2, 80, cfg.d_model)] * cfg.n_layers, packed
+    assert torch.equal(losses[0], losses[1])
+    for (n, a), b in zip(ref.named_parameters(), off.parameters()):
+        assert torch.equal(a.grad, b.grad), n
