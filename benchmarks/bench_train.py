@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--baseline", default="llama", help="'llama' or 'none'")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--longest", action="store_true")
-    ap.add_argument("--compile", default="0", help="TNL blocks under torch.compile: 0, 1, or 'both' (eager and compiled rows)")
+    ap.add_argument("--compile", default="0", choices=["0", "1", "both"], help="TNL blocks under torch.compile: 0, 1, or 'both' (eager and compiled rows)")
     ap.add_argument("--max-tokens", type=int, default=1 << 23)
     ap.add_argument("--offload", action="store_true", help="--longest with activation_offload (block inputs in host memory)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
