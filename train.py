@@ -325,7 +325,6 @@ def build(cfg, layout):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning_fabric.utilities.exceptions import MisconfigurationException
-    from pytorch_lightning.loggers import CSVLogger
 
     import seqpar.strategies  # noqa: F401  registers "lightning_sp"
     from seqpar.data import SeqDataModule
@@ -394,29 +393,29 @@ def build(cfg, layout):
     if os.environ.get(FAULT_STEP_ENV):
         callbacks.append(FaultInjector(int(os.environ[FAULT_STEP_ENV]), int(os.environ.get(FAULT_RANK_ENV, "0"))))
     try:
-        trainer = _make_trainer(pl, t, o, layout, strategy, precision, callbacks, CSVLogger, AtomicCheckpointIO)
+        trainer = _make_trainer(pl, t, o, layout, strategy, precision, callbacks, AtomicCheckpointIO)
     except (ValueError, TypeError, MisconfigurationException) as e:
         raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
     return trainer, model, dm, ckpt_path, ckpt_dir
 
 
-def _make_logger(t, CSVLogger):
+def _make_logger(t):
     """Logs under <out_dir>/logs/version_N: CSV (metrics.csv) or TensorBoard event files."""
-    if t.logger == "tensorboard":
-        from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+    if t.logger == "tensorboard":
         return TensorBoardLogger(t.out_dir, name="logs")
     return CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every)
 
 
-def _make_trainer(pl, t, o, layout, strategy, precision, callbacks, CSVLogger, AtomicCheckpointIO):
+def _make_trainer(pl, t, o, layout, strategy, precision, callbacks, AtomicCheckpointIO):
     return pl.Trainer(
         accelerator=layout["accelerator"], devices=layout["devices"], num_nodes=layout["num_nodes"],
         strategy=strategy, precision=precision, max_steps=t.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=o.grad_clip or None,
         log_every_n_steps=t.log_every, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
-        logger=_make_logger(t, CSVLogger), callbacks=callbacks,
+        logger=_make_logger(t), callbacks=callbacks,
         enable_progress_bar=t.progress_bar, default_root_dir=t.out_dir, benchmark=False,
         deterministic=bool(t.deterministic),
         plugins=[AtomicCheckpointIO()],
