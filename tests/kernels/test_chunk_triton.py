@@ -200,11 +200,44 @@ def test_no_slope_grad_and_no_final_state():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_dkdv_variant(dtype, monkeypatch):
-    """CONFIG["fuse_dkdv"]: dk computed in the dv kernel's reverse walk (one E block covers E)."""
-    monkeypatch.setitem(chunk.CONFIG, "fuse_dkdv", True)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fused_dkdv_variant(dtype, fuse, monkeypatch):
+    """CONFIG["fuse_dkdv"]: dk in the dv kernel's reverse walk (E in one block: "dv", or "dv_fused" for
+    E > the "dv" block), or in its own reverse walk of the dq kernel."""
+    monkeypatch.setitem(chunk.CONFIG, "fuse_dkdv", fuse)
+    monkeypatch.setitem(chunk.CONFIG, "small", {**chunk.CONFIG["small"], "fuse_dkdv": fuse})
     cu = torch.tensor([0, 50, 50, 131], dtype=torch.int32)
-    _check(1, 131, 2, 96, 48, dtype, "strong", True, True, cu=cu)
+    _check(1, 131, 2, 96, 48, dtype, "strong", True, True, cu=cu)  # "dv" block covers E
+    _check(1, 131, 2, 64, 96, dtype, "weak", True, True, cu=cu)  # "dv_fused" when fused
+    _check(1, 70, 2, 32, 32, dtype, "weak", True, True)  # small
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", [False, True])
+def test_forward_and_backward_paths(dtype, mode, monkeypatch):
+    """CONFIG["lookback"]: False = segment states + scan + walk kernels in the forward too; True = the
+    look-back walks in the backward too (the default "fwd" is what the other tests run)."""
+    monkeypatch.setitem(chunk.CONFIG, "lookback", mode)
+    cu = torch.tensor([0, 7, 7, 140, 141, 170], dtype=torch.int32)
+    _check(1, 170, 2, 32, 16, dtype, "strong", True, True, cu=cu)
+    _check(2, 130, 2, 64, 32, dtype, "weak", True, True)
+
+
+@pytest.mark.parametrize("mode", ["fwd", True])
+def test_lookback_segments_of_several_chunks(mode, monkeypatch):
+    """Look-back segments of several chunks, dense and packed, every output and gradient."""
+    monkeypatch.setitem(chunk.CONFIG, "lookback", mode)
+    monkeypatch.setattr(chunk, "SEG_CHUNKS", 3)
+    cu = torch.tensor([0, 100, 100, 500, 501, 530], dtype=torch.int32)
+    _check(1, 530, 2, 16, 32, torch.float32, "weak", True, True, cu=cu)
+    _check(2, 450, 1, 32, 16, torch.float32, "strong", True, True)
+
+
+def test_lookback_mode_is_checked(monkeypatch):
+    monkeypatch.setitem(chunk.CONFIG, "lookback", "both")
+    q = torch.randn(1, 8, 1, 16, device=DEV)
+    with pytest.raises(ValueError, match="lookback"):
+        _triton(q, q, q, torch.ones(1, device=DEV), None, None)
 
 
 def test_segment_length_does_not_change_the_result(monkeypatch):
@@ -255,8 +288,11 @@ def test_gpu_no_recompile_per_T():
         q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
         lightning_attn(q, q, q, torch.full((H,), 0.1, device=dev), backend="triton")
         torch.cuda.synchronize()
-        sizes.append(_n_compiled(chunk._fwd_out_kernel))
-    assert sizes[-1] == sizes[0], sizes
+        sizes.append(sum(_n_compiled(getattr(chunk, name)) for name in KERNELS))
+    assert sizes[0] > 0 and sizes[-1] == sizes[0], sizes
+
+
+KERNELS = ["_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel", "_lb_walk_kernel"]
 
 
 def _n_compiled(fn):

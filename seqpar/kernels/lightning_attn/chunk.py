@@ -14,11 +14,15 @@ Work decomposition (parallel over T, no program walks a whole sequence):
                                of M_s), ht = state after the last segment (h0 enters here)
     3. ``_fwd_out_kernel``     per (segment, head, E block): walks its chunks with the running state:
                                o = scale * [ (q k^T * decay) v + (lambda^(i+1) q) S ],  S <- lambda^C S + ...
+  By default (CONFIG["lookback"] = "fwd") the three forward kernels are one ``_lb_walk_kernel`` launch:
+  each segment's program sums M_s, takes the state entering it from its predecessor (a chained
+  look-back through a flag per segment), publishes its own, stores H_s for the backward and walks.
 * backward (mirror image, R = gradient flowing into the state from the right, R = dht at the end)
     1. ``_seg_state_kernel``   N_s = scale * sum_i lambda^(i-start+1) q_i^T do_i
     2. ``_scan_kernel``        reverse scan: G_s = R at the right edge of segment s, dh0 = R at 0
     3. ``_bwd_dqdk_kernel``    per (segment, head, D block): dq (forward walk with S), dk (reverse walk with R)
-    4. ``_bwd_dv_kernel``      per (segment, head, E block): dv (reverse walk with R)
+    4. ``_bwd_dv_kernel``      per (segment, head, E block): dv (reverse walk with R); with
+                               CONFIG["fuse_dkdv"] (default) also dk, and 3. computes dq only
   With slopes.requires_grad, 3. also writes the rowwise q.dq and k.dk (fp32, from the accumulators);
   dL/dG_t = q_t.dq_t - k_t.dk_t (+ <dht, ht> at each sequence end), dslope = -sum (t_local+1) dL/dG_t.
 
@@ -56,10 +60,17 @@ CONFIG = {
     "dv": dict(BLK=64, num_warps=4, num_stages=2),
     "waves": 4,
     "seg_max": 32,
-    # compute dk in the dv kernel (one reverse walk instead of two) when one E block of "dv" covers E;
-    # a loss at D = E = 128 (register pressure of the 128 x 128 fp32 R), on for D, E <= 64 ("small")
+    # one-pass kernels with a chained look-back between segments (_lb_walk_kernel) instead of segment
+    # states + scan + walk: "fwd" (default) for the forward only, which also saves the segment states for
+    # the scan-path backward (H100, B4 H16 T32K D128: forward 1.48 -> 1.42 ms); True for the backward too
+    # (slower there: 6.95 ms fwd+bwd), segments of lb_chunks chunks; False: no look-back
     # (benchmarks/NOTES_kernel.md)
-    "fuse_dkdv": False,
+    "lookback": "fwd",
+    "lb_chunks": 4,
+    # compute dk in the dv kernel (one reverse walk instead of two) when one E block ("dv", or "dv_fused"
+    # for D * E <= 128 * 128 at 8 warps) covers E (H100, B4 H16 T32K D128: 4.76 -> 4.52 ms fwd+bwd)
+    "fuse_dkdv": True,
+    "dv_fused": dict(BLK=128, num_warps=8, num_stages=2),
     # overrides when both head dims fit in 64 (H100, B2 H32 T32K D64: 2.19 -> 2.05 ms fwd+bwd; the same
     # settings at D=128 cost 5.7 -> 9.1 ms, see benchmarks/NOTES_kernel.md)
     "small": {
@@ -268,15 +279,16 @@ def _fwd_out_kernel(
         v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         A = _dot(q, kT, PREC, UP) * decay
         o = _dot(A.to(v.dtype), v, PREC, UP)
-        qd = q.to(tl.float32) * q_w[:, None]
+        # decay weights scale the rows of the small [BT, BE] operands / results, never a [BT, D] tile
+        # (fp32 copies of those spill registers at D = 128)
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
-        kd = kT.to(tl.float32) * k_w[None, :]
+        vd = v.to(tl.float32) * k_w[:, None]
         if STATE_FP32:
-            o += _dot(qd, S, PREC, UP)
-            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kd, v.to(tl.float32), PREC, UP)
+            o += _dot(q.to(tl.float32), S, PREC, UP) * q_w[:, None]
+            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kT.to(tl.float32), vd, PREC, UP)
         else:
-            o += _dot(qd.to(q.dtype), S.to(q.dtype), PREC, UP)
-            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kd.to(v.dtype), v, PREC, UP)
+            o += _dot(q, S.to(q.dtype), PREC, UP) * q_w[:, None]
+            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kT, vd.to(v.dtype), PREC, UP)
         o = o * scale
         tl.store(o_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_e[None, :])
@@ -328,14 +340,13 @@ def _bwd_dqdk_kernel(
         k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
         A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
         dq = _dot(A2.to(k.dtype), k, PREC, UP)
-        dod = do.to(tl.float32) * q_w[:, None]
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         kd = k.to(tl.float32) * k_w[:, None]
         if STATE_FP32:
-            dq += _dot(dod, ST, PREC, UP)
+            dq += _dot(do.to(tl.float32), ST, PREC, UP) * q_w[:, None]
             ST = ST * tl.exp(-slope * L.to(tl.float32)) + _dot(vT.to(tl.float32), kd, PREC, UP)
         else:
-            dq += _dot(dod.to(do.dtype), ST.to(do.dtype), PREC, UP)
+            dq += _dot(do, ST.to(do.dtype), PREC, UP) * q_w[:, None]
             ST = ST * tl.exp(-slope * L.to(tl.float32)) + _dot(vT, kd.to(vT.dtype), PREC, UP)
         dq = dq * scale
         m_td = m_t[:, None] & m_d[None, :]
@@ -362,13 +373,12 @@ def _bwd_dqdk_kernel(
             A2T = _dot(v, doT, PREC, UP) * tl.trans(decay)  # [j, i]
             dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
             k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
-            vd = v.to(tl.float32) * k_w[:, None]
             qd = q.to(tl.float32) * (q_w * scale)[:, None]
             if STATE_FP32:
-                dk += _dot(vd, RT, PREC, UP)
+                dk += _dot(v.to(tl.float32), RT, PREC, UP) * k_w[:, None]
                 RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT.to(tl.float32), qd, PREC, UP)
             else:
-                dk += _dot(vd.to(v.dtype), RT.to(v.dtype), PREC, UP)
+                dk += _dot(v, RT.to(v.dtype), PREC, UP) * k_w[:, None]
                 RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT, qd.to(doT.dtype), PREC, UP)
             tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
             if COMPUTE_DG:
@@ -423,31 +433,193 @@ def _bwd_dv_kernel(
         AT = _dot(k, qT, PREC, UP) * decayT  # [j, i]
         dv = _dot(AT.to(do.dtype), do, PREC, UP) * scale
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        # dv is finished and stored before dk starts (one [BT, BE] fp32 accumulator live at a time)
+        if STATE_FP32:
+            Rc = R
+            dv += _dot(k.to(tl.float32), Rc, PREC, UP) * k_w[:, None]
+        else:
+            Rc = R.to(k.dtype)
+            dv += _dot(k, Rc, PREC, UP) * k_w[:, None]
+        tl.store(dv_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_e[None, :])
         if DO_DK:
             m_td = m_t[:, None] & m_d[None, :]
             v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
             A2T = _dot(v, tl.trans(do), PREC, UP) * decayT  # [j, i]
             dk = _dot(A2T.to(qT.dtype), tl.trans(qT), PREC, UP) * scale
-            vd = v.to(tl.float32) * k_w[:, None]
             if STATE_FP32:
-                dk += _dot(vd, tl.trans(R), PREC, UP)
+                dk += _dot(v.to(tl.float32), tl.trans(Rc), PREC, UP) * k_w[:, None]
             else:
-                dk += _dot(vd.to(v.dtype), tl.trans(R.to(v.dtype)), PREC, UP)
+                dk += _dot(v, tl.trans(Rc), PREC, UP) * k_w[:, None]
             tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
             if COMPUTE_DG:
                 g = tl.sum(k.to(tl.float32) * dk, axis=1)
                 tl.store(dgk_ptr + tok64 * H + h, g, mask=m_t)
-        kd = k.to(tl.float32) * k_w[:, None]
-        qd = qT.to(tl.float32) * q_w[None, :]
+        dod = do.to(tl.float32) * q_w[:, None]
         if STATE_FP32:
-            dv += _dot(kd, R, PREC, UP)
-            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qd, do.to(tl.float32), PREC, UP)
+            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qT.to(tl.float32), dod, PREC, UP)
         else:
-            dv += _dot(kd.to(k.dtype), R.to(k.dtype), PREC, UP)
-            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qd.to(do.dtype), do, PREC, UP)
-        tl.store(dv_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_e[None, :])
+            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qT, dod.to(do.dtype), PREC, UP)
 
+
+@triton.jit(do_not_specialize=["T", "N", "NP", "PF_T", "NTOK"])
+def _lb_walk_kernel(
+    a_ptr, b_ptr, c_ptr, out_ptr, x_ptr, g_ptr, init_ptr, fin_ptr, chain_ptr, sync_ptr, slopes_ptr,
+    cu_ptr, tab_ptr, sbuf_ptr, segoff_ptr,
+    alpha, gamma, beta, T, H, DA, DC, N, NP, PF_T, NTOK,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+    REVERSE: tl.constexpr, TRANS_INIT: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FIN: tl.constexpr,
+    STORE_SBUF: tl.constexpr, COMPUTE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr,
+    UP: tl.constexpr,
+):
+    """One-pass chunk walk with a chained look-back between consecutive segments of a sequence.
+
+    Computes, for one segment, one head and one block of the value dim (a, b: [*, H, DA]; c, out: [*, H, DC]):
+
+        forward (REVERSE=False):  out_t = alpha * sum_{s<=t} lambda^(t-s) (a_t.b_s) c_s  + gamma * lambda^(..) a_t S
+        reverse (REVERSE=True):   out_t = alpha * sum_{s>=t} lambda^(s-t) (a_t.b_s) c_s  + gamma * lambda^(..) a_t R
+
+    where S (R) is the [DA, DC] state carried from the left (right): S_t = lambda S_{t-1} + beta * b_t^T c_t,
+    starting from init (or 0). o = LA(q, k, v) forward; dq = LA(do, v, k) forward; dk = LA(v, do, q) and
+    dv = LA(k, q, do) reverse.
+
+    Programs take tickets in launch order (an atomic counter), walk position-major, so a segment's
+    predecessor always holds an earlier ticket. Each program (1) sums its segment's own contribution M
+    (reads b, c), (2) waits for its predecessor's inclusive state in a two-slot per-lane buffer (flag =
+    position + 1), publishes its own (lambda^len S_in + M) for its successor, (3) walks its chunks from
+    S_in and writes out. Two slots suffice: the successor of a slot's next writer has read the slot.
+    STORE_SBUF: also store the state entering each segment, sbuf [NSEG, H, DA, DC] (forward: the
+    segment states the scan-path backward reads).
+    """
+    NCB = tl.cdiv(DC, BC)
+    t = tl.atomic_add(sync_ptr, 1)
+    i_c = t % NCB
+    r = t // NCB
+    h = r % H
+    r = r // H
+    if IS_VARLEN:
+        n = tl.load(tab_ptr + 2 * r).to(tl.int32)
+        p = tl.load(tab_ptr + 2 * r + 1).to(tl.int32)
+        bos = tl.load(cu_ptr + n).to(tl.int32)
+        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
+    else:
+        n = r % N
+        p = r // N
+        bos = n * T
+        eos = bos + T
+    nseg = tl.cdiv(eos - bos, PF_T)
+    if REVERSE:
+        seg = nseg - 1 - p
+    else:
+        seg = p
+    start = bos + seg * PF_T
+    end = tl.minimum(start + PF_T, eos)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    lane = (n * H + h) * NCB + i_c
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_cl = tl.arange(0, BC)
+    o_c = i_c * BC + o_cl
+    m_k = o_k < DA
+    m_c = o_c < DC
+    m_kc = m_k[:, None] & m_c[None, :]
+
+    # (1) the segment's own contribution
+    M = tl.zeros([BK, BC], dtype=tl.float32)
+    for cs in range(start, end, BT):
+        tok = cs + o_t
+        m_t = tok < end
+        tok64 = tok.to(tl.int64)
+        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+        if REVERSE:
+            ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
+        else:
+            ex = tl.where(m_t, end - 1 - tok, 0).to(tl.float32)
+        w = tl.exp(-slope * ex)
+        cw = (cc.to(tl.float32) * w[:, None]).to(cc.dtype)
+        M += _dot(bT, cw, PREC, UP)
+    M = M * beta
+
+    # (2) state entering the segment; publish the state leaving it
+    if TRANS_INIT:
+        ioff = o_k[:, None] + o_c[None, :] * DA
+    else:
+        ioff = o_k[:, None] * DC + o_c[None, :]
+    nh = (n.to(tl.int64) * H + h) * DA * DC
+    if p == 0:
+        if HAS_INIT:
+            S = tl.load(init_ptr + nh + ioff, mask=m_kc, other=0.0).to(tl.float32)
+        else:
+            S = tl.zeros([BK, BC], dtype=tl.float32)
+    else:
+        slot = (p - 1) % 2
+        flag_ptr = sync_ptr + 1 + 2 * lane + slot
+        f = tl.atomic_cas(flag_ptr, p, p)
+        while f != p:
+            f = tl.atomic_cas(flag_ptr, p, p)
+        S = tl.load(chain_ptr + ((2 * lane + slot).to(tl.int64) * BK + o_k[:, None]) * BC + o_cl[None, :],
+                    cache_modifier=".cg")
+    incl = S * tl.exp(-slope * (end - start).to(tl.float32)) + M
+    if p < nseg - 1:
+        slot = p % 2
+        tl.store(chain_ptr + ((2 * lane + slot).to(tl.int64) * BK + o_k[:, None]) * BC + o_cl[None, :], incl)
+        tl.debug_barrier()
+        tl.atomic_xchg(sync_ptr + 1 + 2 * lane + slot, p + 1)
+    elif STORE_FIN:
+        tl.store(fin_ptr + nh + ioff, incl, mask=m_kc)
+    if STORE_SBUF:
+        if IS_VARLEN:
+            sidx = tl.load(segoff_ptr + n).to(tl.int32) + seg
+        else:
+            sidx = n * NP + seg
+        tl.store(sbuf_ptr + (sidx.to(tl.int64) * H + h) * DA * DC + ioff, S, mask=m_kc)
+
+    # (3) the chunk walk from S
+    diff = o_t[:, None] - o_t[None, :]
+    if REVERSE:
+        causal = diff <= 0
+        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, -diff, 0).to(tl.float32)), 0.0)
+    else:
+        causal = diff >= 0
+        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    w_in = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    nch = tl.cdiv(end - start, BT)
+    for c in range(0, nch):
+        if REVERSE:
+            cs = start + (nch - 1 - c) * BT
+        else:
+            cs = start + c * BT
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        m_tc = m_t[:, None] & m_c[None, :]
+        a = tl.load(a_ptr + (tok64[:, None] * H + h) * DA + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
+        A = _dot(a, bT, PREC, UP) * decay
+        out = _dot(A.to(cc.dtype), cc, PREC, UP) * alpha
+        w_L = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        if REVERSE:
+            aw = w_L * gamma
+            bw = w_in * beta
+        else:
+            aw = w_in * gamma
+            bw = w_L * beta
+        cd = cc.to(tl.float32) * bw[:, None]
+        if STATE_FP32:
+            out += _dot(a.to(tl.float32), S, PREC, UP) * aw[:, None]
+            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(bT.to(tl.float32), cd, PREC, UP)
+        else:
+            out += _dot(a, S.to(a.dtype), PREC, UP) * aw[:, None]
+            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(bT, cd.to(cc.dtype), PREC, UP)
+        tl.store(out_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], out.to(out_ptr.dtype.element_ty), mask=m_tc)
+        if COMPUTE_DG:
+            x = tl.load(x_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
+            g = tl.sum(x.to(tl.float32) * out, axis=1)
+            tl.store(g_ptr + i_c.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
@@ -471,6 +643,9 @@ class _Plan:
         n_chunks = sum(triton.cdiv(L, CHUNK) for L in lens)
         if seg_chunks is None:
             seg_chunks = SEG_CHUNKS
+        # segments of the look-back path: the given segment length, else CONFIG["lb_chunks"] chunks
+        self.lb_chunks = int(seg_chunks) if seg_chunks is not None else int(CONFIG["lb_chunks"])
+        self._lb = None
         if seg_chunks is None:
             if device.type == "cuda":
                 sms = _num_sms(device)
@@ -500,6 +675,26 @@ class _Plan:
             self.NS = triton.cdiv(T, self.SEG_T)
             self.NSEG = B * self.NS
             self.cu = self.segoff = self.segseq = self.segstart = None
+
+    def lb_layout(self, device):
+        """Walk positions of the look-back kernels: (PF_T, NP, table, n_pos, empty).
+
+        PF_T tokens per segment; non-varlen: NP segments per sequence, n_pos = N * NP, table None;
+        varlen: table [n_pos, 2] int32 of (sequence, position), position-major, NP = 0.
+        empty: indices of empty sequences (their final state is the initial one), or None.
+        """
+        if self._lb is None:
+            pf_t = self.lb_chunks * CHUNK
+            nps = [triton.cdiv(L, pf_t) for L in self.lens]
+            empty = [n_ for n_, m in enumerate(nps) if m == 0]
+            empty = torch.tensor(empty, dtype=torch.long, device=device) if empty else None
+            if not self.is_varlen:
+                self._lb = (pf_t, nps[0] if nps else 0, None, sum(nps), empty)
+            else:
+                rows = [(n_, p_) for p_ in range(max(nps, default=0)) for n_, m in enumerate(nps) if p_ < m]
+                tab = torch.tensor(rows if rows else [(0, 0)], dtype=torch.int32, device=device)
+                self._lb = (pf_t, 0, tab, len(rows), empty)
+        return self._lb
 
     def t_local(self, device) -> torch.Tensor:
         """[B*T] position of each token inside its sequence (fp32)."""
@@ -673,8 +868,14 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
         NDB = triton.cdiv(D, BDq)
         BD = _p2(D)
         BEv = _blk("dv", E, D)
+        kind_v = "dv"
         # dk in the dv kernel's reverse walk when one E block covers E (CONFIG["fuse_dkdv"])
-        fuse = _fuse_dkdv(D, E) and BEv >= E
+        fuse = _fuse_dkdv(D, E)
+        if fuse and BEv < E:
+            if _p2(E) <= CONFIG["dv_fused"]["BLK"] and _p2(D) * _p2(E) <= 128 * 128:
+                BEv, kind_v = _p2(E), "dv_fused"
+            else:
+                fuse = False
         if compute_dg:
             dgq = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
             dgk = torch.empty(1 if fuse else NDB, ntok, H, dtype=torch.float32, device=dev)
@@ -694,7 +895,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
             q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
             BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            DO_DK=fuse, COMPUTE_DG=compute_dg, **_launch("dv", D, E),
+            DO_DK=fuse, COMPUTE_DG=compute_dg, **_launch(kind_v, D, E),
         )
         if compute_dg:
             dG = dgq.sum(0) - dgk.sum(0)
@@ -702,6 +903,99 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
         dG = torch.zeros(ntok, H, dtype=torch.float32, device=dev)
     return dq, dk, dv, dh0, dG
 
+
+# ---- look-back path (CONFIG["lookback"]): one kernel per output, no saved segment states
+
+
+def _lb_walk(a, b, c, out, slopes, plan, kind, reverse, init, trans_init, fin, alpha, gamma, beta, sync,
+             x=None, g=None, sbuf=None):
+    """Launch _lb_walk_kernel: out = LA(a, b, c) (see its docstring); sync: zeroed int32 [1 + 2 * lanes]."""
+    H = plan.H
+    DA, DC = a.shape[-1], c.shape[-1]
+    dev = a.device
+    pf_t, NP, tab, n_pos, _ = plan.lb_layout(dev)
+    BK = _p2(DA)
+    BC = _blk(kind, DC, DA)
+    NCB = triton.cdiv(DC, BC)
+    lanes = plan.N * H * NCB
+    chain = torch.empty(2 * lanes * BK * BC, dtype=torch.float32, device=dev)
+    d = _dummy(dev)
+    _call(
+        _lb_walk_kernel, (n_pos * H * NCB,),
+        a, b, c, out, x if x is not None else d, g if g is not None else d,
+        init if init is not None else d, fin if fin is not None else d, chain, sync, slopes,
+        plan.cu if plan.is_varlen else d, tab if tab is not None else d,
+        sbuf if sbuf is not None else d, plan.segoff if (plan.is_varlen and sbuf is not None) else d,
+        float(alpha), float(gamma), float(beta), plan.T, H, DA, DC, plan.N, NP, pf_t, a.shape[0] * a.shape[1],
+        BT=CHUNK, BK=BK, BC=BC, REVERSE=reverse, TRANS_INIT=trans_init, HAS_INIT=init is not None,
+        STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None, IS_VARLEN=plan.is_varlen,
+        STATE_FP32=a.dtype != torch.bfloat16, PREC=_prec(a.dtype), UP=_up(a), **_launch(kind, DA, DC),
+    )
+
+
+def _lb_lanes(plan, kind, DA, DC) -> int:
+    return plan.N * plan.H * triton.cdiv(DC, _blk(kind, DC, DA))
+
+
+def _fill_empty(fin, init, empty):
+    """Final state of empty sequences = their initial state (or 0)."""
+    if empty is not None and fin is not None:
+        fin[empty] = init[empty] if init is not None else 0.0
+
+
+def lightning_attn_fwd_lb(q, k, v, slopes, scale, h0, plan, store_states=False):
+    """Look-back forward: returns o, ht [N, H, D, E] fp32 and, with store_states (plan.lb_chunks must
+    equal plan.seg_chunks), hbuf [NSEG, H, D, E] fp32: the state entering each segment (else None)."""
+    H, D, E = plan.H, plan.D, plan.E
+    dev = q.device
+    o = _new(v.shape, q.dtype, dev)
+    ht = torch.empty(plan.N, H, D, E, dtype=torch.float32, device=dev)
+    hbuf = None
+    if store_states:
+        assert plan.lb_chunks == plan.seg_chunks, "segment states need look-back segments = scan segments"
+        hbuf = torch.empty(plan.NSEG, H, D, E, dtype=torch.float32, device=dev)
+    _, _, _, n_pos, empty = plan.lb_layout(dev)
+    if n_pos > 0:
+        sync = torch.zeros(1 + 2 * _lb_lanes(plan, "fwd", D, E), dtype=torch.int32, device=dev)
+        _lb_walk(q, k, v, o, slopes, plan, "fwd", False, h0, False, ht, scale, scale, 1.0, sync, sbuf=hbuf)
+    _fill_empty(ht, h0, empty)
+    return o, ht, hbuf
+
+
+def lightning_attn_bwd_lb(q, k, v, do, dht, slopes, scale, h0, plan, compute_dg):
+    """Look-back backward: dq = LA(do, v, k), dk = LA_rev(v, do, q), dv = LA_rev(k, q, do).
+
+    Returns dq, dk, dv, dh0 (or None), dG [B*T, H] fp32 (or None)."""
+    H, D, E = plan.H, plan.D, plan.E
+    dev = q.device
+    dq = _new(q.shape, q.dtype, dev)
+    dk = _new(k.shape, k.dtype, dev)
+    dv = _new(v.shape, v.dtype, dev)
+    dh0 = torch.empty(plan.N, H, D, E, dtype=torch.float32, device=dev) if h0 is not None else None
+    ntok = q.shape[0] * q.shape[1]
+    _, _, _, n_pos, empty = plan.lb_layout(dev)
+    dG = None
+    if n_pos == 0:
+        _fill_empty(dh0, dht, empty)
+        if compute_dg:
+            dG = torch.zeros(ntok, H, dtype=torch.float32, device=dev)
+        return dq, dk, dv, dh0, dG
+    nq = triton.cdiv(D, _blk("dqdk", D, E))
+    if compute_dg:
+        dgq = torch.empty(nq, ntok, H, dtype=torch.float32, device=dev)
+        dgk = torch.empty(nq, ntok, H, dtype=torch.float32, device=dev)
+    else:
+        dgq = dgk = None
+    lq, lk, lv = _lb_lanes(plan, "dqdk", E, D), _lb_lanes(plan, "dqdk", E, D), _lb_lanes(plan, "dv", D, E)
+    sync = torch.zeros(3 + 2 * (lq + lk + lv), dtype=torch.int32, device=dev)
+    s_q, s_k, s_v = sync[: 1 + 2 * lq], sync[1 + 2 * lq: 2 + 2 * (lq + lk)], sync[2 + 2 * (lq + lk):]
+    _lb_walk(do, v, k, dq, slopes, plan, "dqdk", False, h0, True, None, scale, scale, 1.0, s_q, x=q, g=dgq)
+    _lb_walk(v, do, q, dk, slopes, plan, "dqdk", True, dht, True, None, scale, 1.0, scale, s_k, x=k, g=dgk)
+    _lb_walk(k, q, do, dv, slopes, plan, "dv", True, dht, False, dh0, scale, 1.0, scale, s_v)
+    _fill_empty(dh0, dht, empty)
+    if compute_dg:
+        dG = dgq.sum(0) - dgk.sum(0)
+    return dq, dk, dv, dh0, dG
 
 def _on(device):
     """Launch on the tensors' GPU (Triton launches on the current device)."""
@@ -717,8 +1011,19 @@ class LightningAttnFunction(torch.autograd.Function):
         s = slopes.detach().float().contiguous()
         h0 = initial_state.detach().float().contiguous() if initial_state is not None else None
         plan = _Plan(B, T, H, D, E, cu_seqlens, q.device, seg_chunks)
+        mode = CONFIG["lookback"]
+        if mode not in (True, False, "fwd"):
+            raise ValueError(f'CONFIG["lookback"] must be True, False or "fwd", got {mode!r}')
+        plan.lookback = mode is True  # look-back backward too
         with _on(q.device):
-            o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan)
+            if mode is True:
+                o, ht, _ = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan)
+                hbuf = h0  # the backward recomputes the states; it needs h0 for dq
+            elif mode == "fwd":
+                plan.lb_chunks = plan.seg_chunks
+                o, ht, hbuf = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan, store_states=True)
+            else:
+                o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan)
         ctx.save_for_backward(q, k, v, s, hbuf, ht)
         ctx.plan = plan
         ctx.scale = scale
@@ -738,9 +1043,12 @@ class LightningAttnFunction(torch.autograd.Function):
         do = do.contiguous()
         dht_f = dht.float().contiguous() if dht is not None else None
         with _on(q.device):
-            dq, dk, dv, dh0, dG = lightning_attn_bwd(
-                q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, compute_dg
-            )
+            if plan.lookback:
+                dq, dk, dv, dh0, dG = lightning_attn_bwd_lb(q, k, v, do, dht_f, s, ctx.scale, hbuf, plan, compute_dg)
+            else:
+                dq, dk, dv, dh0, dG = lightning_attn_bwd(
+                    q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, compute_dg
+                )
         dslopes = None
         if compute_dg:
             w = plan.t_local(q.device) + 1.0  # [B*T]
