@@ -221,16 +221,46 @@ TUNE_VARIANTS = {
     "blk128st1": {k: {"BLK": 128, "num_stages": 1} for k in ("fwd", "dqdk", "dv")},
     "seg16": {"seg_max": 16},
     "seg64": {"seg_max": 64, "waves": 2},
-    "segblk128": {"seg": {"BLK": 128, "num_warps": 8}},
     "w4st3": {k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv")},
     "w4st4": {k: {"num_warps": 4, "num_stages": 4} for k in ("fwd", "dqdk", "dv")},
     "w4st3s32": {**{k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv")}, "scan": {"BLK": 32}},
     "w4st3s32seg3": {**{k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv", "seg")},
                      "scan": {"BLK": 32}},
     "w4s32": {**{k: {"num_warps": 4} for k in ("fwd", "dqdk", "dv")}, "scan": {"BLK": 32}},
+    # the segment-state + scan path (three forward and four backward kernels) instead of the look-back one
+    "scan": {"lookback": False},
+    "nofuse": {"fuse_dkdv": False},
+    "dqst3": {"dqdk": {"num_stages": 3}},
+    "dvfst3": {"dv_fused": {"num_stages": 3}},
+    "dvfst1": {"dv_fused": {"num_stages": 1}},
+    "fwdst3": {"fwd": {"num_stages": 3}},
+    "segst3": {"seg": {"num_stages": 3}},
+    "seg64st3": {"seg_max": 64, "waves": 2, "seg": {"num_stages": 3}},
+    "segblk128": {"seg": {"BLK": 128, "num_warps": 8}},
+    "scan_nofuse": {"lookback": False, "fuse_dkdv": False},
+    "lb": {"lookback": True},
+    "lb2": {"lookback": True, "lb_chunks": 2},
+    "lb8": {"lookback": True, "lb_chunks": 8},
+    "lb16": {"lookback": True, "lb_chunks": 16},
+    "lb32": {"lookback": True, "lb_chunks": 32},
+    "w8": {k: {"num_warps": 8} for k in ("fwd", "dqdk", "dv")},
+    "w8st3": {k: {"num_warps": 8, "num_stages": 3} for k in ("fwd", "dqdk", "dv")},
+    "blk128w8": {k: {"BLK": 128, "num_warps": 8} for k in ("fwd", "dqdk", "dv")},
+    "fusedw8blk128": {"fuse_dkdv": True, "dv": {"BLK": 128, "num_warps": 8}},
     "fused": {"fuse_dkdv": True, "dv": {"BLK": 128}},
     "fused_w8": {"fuse_dkdv": True, "dv": {"BLK": 128, "num_warps": 8}},
 }
+
+
+def _lb_split(prof, n):
+    """ms per call of the four _lb_walk_kernel launches of a step (o, dq, dk, dv), from the raw events."""
+    evs = []
+    for e in prof.events():
+        if "_lb_walk_kernel" in e.name and str(getattr(e, "device_type", "")).endswith("CUDA"):
+            evs.append(e.time_range.elapsed_us() / 1000.0)
+    if len(evs) != 4 * n:
+        return None
+    return [sum(evs[i::4]) / n for i in range(4)]
 
 
 def tune(shapes, variants, device):
@@ -240,8 +270,11 @@ def tune(shapes, variants, device):
 
     chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
     base = copy.deepcopy(chunk.CONFIG)
-    lines = ["| shape | variant | seg_chunks | kernel ms: " + " / ".join(
-        ["seg_state", "scan", "fwd_out", "dqdk", "dv"]) + " | fwd+bwd ms (do_bench) |", "|---|---|---|---|---|"]
+    knames = ("_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel",
+              "_lb_walk_kernel")
+    lines = ["| shape | variant | seg_chunks (lb_chunks) | kernel ms: " + " / ".join(
+        ["seg_state", "scan", "fwd_out", "dqdk", "dv", "lb_walk (x4)"]) + " | fwd ms | fwd+bwd ms (do_bench) |",
+        "|---|---|---|---|---|---|"]
     from triton.testing import do_bench
     from torch.profiler import ProfilerActivity, profile
 
@@ -275,15 +308,20 @@ def tune(shapes, variants, device):
                 for ev in prof.key_averages():
                     t = getattr(ev, "device_time_total", None)
                     t = ev.cuda_time_total if t is None else t
-                    for kname in ("_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel",
-                                  "_bwd_dv_kernel"):
+                    for kname in knames:
                         if kname in ev.key:
                             times[kname] = times.get(kname, 0.0) + t / n / 1000.0
                 tot = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v], quantiles=[0.5])
                 tot = tot[0] if isinstance(tot, (list, tuple)) else tot
-                ks = " / ".join(f"{times.get(x, float('nan')):.3f}" for x in (
-                    "_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel"))
-                line = f"| {B},{H},{T},{D} | {name} | {plan.seg_chunks} | {ks} | {tot:.3f} |"
+                fwd = do_bench(lambda: lightning_attn(q, k, v, s, backend="triton")[0], warmup=10, rep=50,
+                               quantiles=[0.5])
+                fwd = fwd[0] if isinstance(fwd, (list, tuple)) else fwd
+                ks = " / ".join(f"{times.get(x, float('nan')):.3f}" for x in knames)
+                lb = _lb_split(prof, n)
+                if lb:
+                    ks += " (o / dq / dk / dv: " + " / ".join(f"{x:.3f}" for x in lb) + ")"
+                segs = f"{plan.seg_chunks} ({plan.lb_chunks})" if chunk.CONFIG.get("lookback") is True else str(plan.seg_chunks)
+                line = f"| {B},{H},{T},{D} | {name} | {segs} | {ks} | {fwd:.3f} | {tot:.3f} |"
                 if (B, H, T, D) == shapes[0]:
                     results.append((name, tot))
             except Exception as e:  # noqa: BLE001
