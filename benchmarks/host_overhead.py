@@ -18,6 +18,19 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
+def host_time(fn, steps):
+    """(host seconds per call to enqueue, wall seconds per call incl. the final sync), after 5 warm-up calls."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    t_host = (time.perf_counter() - t0) / steps
+    torch.cuda.synchronize()
+    return t_host, (time.perf_counter() - t0) / steps
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="4,16,2048,128")
@@ -34,16 +47,8 @@ def main():
         o, _ = lightning_attn(q, k, v, s, backend="triton")
         o.backward(do)
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
     # host time per step: enqueue only (the GPU lags behind when the host is the bottleneck)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    t_host = (time.perf_counter() - t0) / args.steps
-    torch.cuda.synchronize()
-    t_wall = (time.perf_counter() - t0) / args.steps
+    t_host, t_wall = host_time(step, args.steps)
     # GPU time of one step, from a CUDA graph-free event pair around a synchronized step
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -71,14 +76,7 @@ def main():
         chunk.lightning_attn_bwd(q.detach(), k.detach(), v.detach(), do, None, s, scale, False, hbuf, plan, False)
 
     for name, fn in (("forward (lightning_attn, no grad)", fwd), ("backward launcher", bwd)):
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            fn()
-        t_host = (time.perf_counter() - t0) / args.steps
-        torch.cuda.synchronize()
+        t_host, _ = host_time(fn, args.steps)
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(50):
