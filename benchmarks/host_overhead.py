@@ -64,8 +64,7 @@ def main():
 
     chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
     scale = D ** -0.5
-    plan = chunk._Plan(B, T, H, D, D, None, q.device)
-    plan.lb_chunks = plan.seg_chunks
+    plan = chunk._Plan(B, T, H, D, D, None, q.device)  # default "fwd" mode: look-back segments = scan's
     _, _, hbuf = chunk.lightning_attn_fwd_lb(q.detach(), k.detach(), v.detach(), s, scale, None, plan, True)
 
     def fwd():

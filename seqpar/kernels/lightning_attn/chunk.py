@@ -62,13 +62,13 @@ CONFIG = {
     "seg_max": 32,
     # one-pass kernels with a chained look-back between segments (_lb_walk_kernel) instead of segment
     # states + scan + walk: "fwd" (default) for the forward only, which also saves the segment states for
-    # the scan-path backward (H100, B4 H16 T32K D128: forward 1.48 -> 1.42 ms); True for the backward too
+    # the scan-path backward (H100, B4 H16 T32K D128: forward 1.48 -> 1.45 ms); True for the backward too
     # (slower there: 6.95 ms fwd+bwd), segments of lb_chunks chunks; False: no look-back
     # (benchmarks/NOTES_kernel.md)
     "lookback": "fwd",
     "lb_chunks": 4,
     # compute dk in the dv kernel (one reverse walk instead of two) when one E block ("dv", or "dv_fused"
-    # for D * E <= 128 * 128 at 8 warps) covers E (H100, B4 H16 T32K D128: 4.76 -> 4.52 ms fwd+bwd)
+    # for D * E <= 128 * 128 at 8 warps) covers E (H100, B4 H16 T32K D128: 4.76 -> 4.37 ms fwd+bwd)
     "fuse_dkdv": True,
     "dv_fused": dict(BLK=128, num_warps=8, num_stages=2),
     # overrides when both head dims fit in 64 (H100, B2 H32 T32K D64: 2.19 -> 2.05 ms fwd+bwd; the same
@@ -643,9 +643,7 @@ class _Plan:
         n_chunks = sum(triton.cdiv(L, CHUNK) for L in lens)
         if seg_chunks is None:
             seg_chunks = SEG_CHUNKS
-        # segments of the look-back path: the given segment length, else CONFIG["lb_chunks"] chunks
-        self.lb_chunks = int(seg_chunks) if seg_chunks is not None else int(CONFIG["lb_chunks"])
-        self._lb = None
+        explicit_seg = seg_chunks
         if seg_chunks is None:
             if device.type == "cuda":
                 sms = _num_sms(device)
@@ -656,6 +654,13 @@ class _Plan:
                 seg_chunks = 4
         self.seg_chunks = int(seg_chunks)
         self.SEG_T = self.seg_chunks * CHUNK
+        # segments of the look-back walks: the scan's in the default "fwd" mode (its segment states are
+        # stored for the backward), else the given segment length or CONFIG["lb_chunks"] chunks
+        if CONFIG["lookback"] == "fwd":
+            self.lb_chunks = self.seg_chunks
+        else:
+            self.lb_chunks = int(explicit_seg) if explicit_seg is not None else int(CONFIG["lb_chunks"])
+        self._lb = None
         if self.is_varlen:
             nseg = [triton.cdiv(L, self.SEG_T) for L in lens]
             segoff = [0]
@@ -904,7 +909,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
     return dq, dk, dv, dh0, dG
 
 
-# ---- look-back path (CONFIG["lookback"]): one kernel per output, no saved segment states
+# ---- look-back walks (CONFIG["lookback"]): the forward ("fwd", default), or every output (True)
 
 
 def _lb_walk(a, b, c, out, slopes, plan, kind, reverse, init, trans_init, fin, alpha, gamma, beta, sync,
@@ -986,7 +991,8 @@ def lightning_attn_bwd_lb(q, k, v, do, dht, slopes, scale, h0, plan, compute_dg)
         dgk = torch.empty(nq, ntok, H, dtype=torch.float32, device=dev)
     else:
         dgq = dgk = None
-    lq, lk, lv = _lb_lanes(plan, "dqdk", E, D), _lb_lanes(plan, "dqdk", E, D), _lb_lanes(plan, "dv", D, E)
+    lq = lk = _lb_lanes(plan, "dqdk", E, D)  # dq and dk: value dim D in "dqdk" blocks, key dim E
+    lv = _lb_lanes(plan, "dv", D, E)
     sync = torch.zeros(3 + 2 * (lq + lk + lv), dtype=torch.int32, device=dev)
     s_q, s_k, s_v = sync[: 1 + 2 * lq], sync[1 + 2 * lq: 2 + 2 * (lq + lk)], sync[2 + 2 * (lq + lk):]
     _lb_walk(do, v, k, dq, slopes, plan, "dqdk", False, h0, True, None, scale, scale, 1.0, s_q, x=q, g=dgq)
@@ -1020,7 +1026,6 @@ class LightningAttnFunction(torch.autograd.Function):
                 o, ht, _ = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan)
                 hbuf = h0  # the backward recomputes the states; it needs h0 for dq
             elif mode == "fwd":
-                plan.lb_chunks = plan.seg_chunks
                 o, ht, hbuf = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan, store_states=True)
             else:
                 o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan)
