@@ -230,6 +230,13 @@ TUNE_VARIANTS = {
     # the segment-state + scan path (three forward and four backward kernels) instead of the look-back one
     "scan": {"lookback": False},
     "nofuse": {"fuse_dkdv": False},
+    # backward segment states of (q, do) by their own kernel instead of in the dq walk
+    "nogstate": {"dq_gstate": False},
+    "dqw8": {"dqdk": {"num_warps": 8}},
+    "dqblk128w8": {"dqdk": {"BLK": 128, "num_warps": 8}},
+    "dqblk32": {"dqdk": {"BLK": 32}},
+    "dqblk32st3": {"dqdk": {"BLK": 32, "num_stages": 3}},
+    "dqst1": {"dqdk": {"num_stages": 1}},
     "dqst3": {"dqdk": {"num_stages": 3}},
     "dvfst3": {"dv_fused": {"num_stages": 3}},
     "dvfst1": {"dv_fused": {"num_stages": 1}},

@@ -31,6 +31,63 @@ def host_time(fn, steps):
     return t_host, (time.perf_counter() - t0) / steps
 
 
+def floors(q, k, v, do, steps):
+    """Host cost of the parts of a step that do not depend on seqpar's kernels: torch SDPA's fwd+bwd step,
+    a Python autograd.Function that launches nothing (allocations only), and one Triton launch of a
+    seqpar kernel through JITFunction.__getitem__ vs the compiled kernel's own launcher."""
+    import torch.nn.functional as F
+
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_(True) for x in (q, k, v))
+    dot = do.transpose(1, 2).contiguous()
+
+    def sdpa():
+        F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).backward(dot)
+
+    class Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, c):
+            ctx.save_for_backward(a, b, c)
+            return torch.empty_like(c)
+
+        @staticmethod
+        def backward(ctx, g):
+            a, b, c = ctx.saved_tensors
+            return torch.empty_like(a), torch.empty_like(b), torch.empty_like(c)
+
+    def noop():
+        Noop.apply(q, k, v).backward(do)
+
+    import importlib
+
+    chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
+    B, T, H, D = q.shape
+    plan = chunk._Plan(B, T, H, D, D, None, q.device)
+    buf = torch.zeros(plan.NSEG, H, D, D, device=q.device)
+    slopes = torch.full((H,), 0.1, device=q.device)
+    BD, BE = chunk._blocks_state(D, D, "scan")
+    d = chunk._dummy(q.device)
+    grid = (plan.N * H * chunk._cdiv(D, BD) * chunk._cdiv(D, BE), 1, 1)
+    pos = (buf, d, d, slopes, d, d, plan.T, H, D, D, plan.NS, plan.SEG_T)
+    kw = dict(BD=BD, BE=BE, REVERSE=False, HAS_INIT=False, STORE_FIN=False, IS_VARLEN=False, num_warps=4)
+
+    def jit_launch():
+        chunk._scan_kernel[grid](*pos, **kw)
+
+    compiled = chunk._scan_kernel[grid](*pos, **kw)
+    names = chunk._scan_kernel.arg_names
+    full = list(pos) + [kw[n] for n in names[len(pos):]]
+    runner = compiled[grid]
+
+    def compiled_launch():
+        runner(*full)
+
+    for name, fn in (("torch SDPA fwd+bwd step", sdpa), ("no-op autograd.Function fwd+bwd step", noop),
+                     ("one Triton launch (_scan_kernel) via JITFunction", jit_launch),
+                     ("the same launch via the CompiledKernel launcher", compiled_launch)):
+        t_host, _ = host_time(fn, steps)
+        print(f"floor: {name}: host {t_host * 1e3:.3f} ms/call")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="4,16,2048,128")
@@ -58,11 +115,25 @@ def main():
     torch.cuda.synchronize()
     print(f"shape {args.shape}: host enqueue {t_host * 1e3:.3f} ms/step, wall {t_wall * 1e3:.3f} ms/step, "
           f"one step between events {e0.elapsed_time(e1):.3f} ms")
-    # the backward runs on an autograd worker thread, which cProfile does not see: profile the forward
-    # through the public API and the backward launcher called directly, both on this thread
     import importlib
 
     chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
+    floors(q, k, v, do, args.steps)
+    # the whole step on this thread (autograd's device threads off), so cProfile sees the backward too
+    with torch.autograd.set_multithreading_enabled(False):
+        t_host, _ = host_time(step, args.steps)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(50):
+            step()
+        pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+    print(f"== whole step, autograd on the main thread: host {t_host * 1e3:.3f} ms/step")
+    print("\n".join(buf.getvalue().splitlines()[:45]))
+    # the backward runs on an autograd worker thread, which cProfile does not see: profile the forward
+    # through the public API and the backward launcher called directly, both on this thread
     scale = D ** -0.5
     plan = chunk._Plan(B, T, H, D, D, None, q.device)  # default "fwd" mode: look-back segments = scan's
     _, _, hbuf = chunk.lightning_attn_fwd_lb(q.detach(), k.detach(), v.detach(), s, scale, None, plan, True)

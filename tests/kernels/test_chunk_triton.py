@@ -200,11 +200,13 @@ def test_no_slope_grad_and_no_final_state():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fuse", [True, False])
-def test_fused_dkdv_variant(dtype, fuse, monkeypatch):
+@pytest.mark.parametrize("fuse,gstate", [(True, True), (True, False), (False, True)])
+def test_fused_dkdv_variant(dtype, fuse, gstate, monkeypatch):
     """CONFIG["fuse_dkdv"]: dk in the dv kernel's reverse walk (E in one block: "dv", or "dv_fused" for
-    E > the "dv" block), or in its own reverse walk of the dq kernel."""
+    E > the "dv" block), or in its own reverse walk of the dq kernel. CONFIG["dq_gstate"] (fused only):
+    the dq walk also sums the backward segment states, else _seg_state_kernel does."""
     monkeypatch.setitem(chunk.CONFIG, "fuse_dkdv", fuse)
+    monkeypatch.setitem(chunk.CONFIG, "dq_gstate", gstate)
     monkeypatch.setitem(chunk.CONFIG, "small", {**chunk.CONFIG["small"], "fuse_dkdv": fuse})
     cu = torch.tensor([0, 50, 50, 131], dtype=torch.int32)
     _check(1, 131, 2, 96, 48, dtype, "strong", True, True, cu=cu)  # "dv" block covers E
@@ -333,3 +335,4 @@ def test_out_of_shared_memory_relaunches_with_one_stage(monkeypatch):
     assert calls == [2, 1, 1, 2, 1]
     with pytest.raises(OutOfResources):  # nothing left to shed: the error surfaces
         chunk._call(FakeKernel(0), (1,), x, BD=64, num_stages=2)
+

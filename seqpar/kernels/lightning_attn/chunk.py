@@ -22,7 +22,9 @@ Work decomposition (parallel over T, no program walks a whole sequence):
     2. ``_scan_kernel``        reverse scan: G_s = R at the right edge of segment s, dh0 = R at 0
     3. ``_bwd_dqdk_kernel``    per (segment, head, D block): dq (forward walk with S), dk (reverse walk with R)
     4. ``_bwd_dv_kernel``      per (segment, head, E block): dv (reverse walk with R); with
-                               CONFIG["fuse_dkdv"] (default) also dk, and 3. computes dq only
+                               CONFIG["fuse_dkdv"] (default) also dk, and 3. computes dq only; then
+                               (CONFIG["dq_gstate"], default) 3. runs first and also sums N_s, which
+                               replaces 1.: dq walk -> reverse scan -> dk/dv walk, three launches
   With slopes.requires_grad, 3. also writes the rowwise q.dq and k.dk (fp32, from the accumulators);
   dL/dG_t = q_t.dq_t - k_t.dk_t (+ <dht, ht> at each sequence end), dslope = -sum (t_local+1) dL/dG_t.
 
@@ -71,6 +73,9 @@ CONFIG = {
     # for D * E <= 128 * 128 at 8 warps) covers E (H100, B4 H16 T32K D128: 4.76 -> 4.37 ms fwd+bwd)
     "fuse_dkdv": True,
     "dv_fused": dict(BLK=128, num_warps=8, num_stages=2),
+    # with fuse_dkdv: the dq walk (first backward kernel) also sums the segment states of (q, do) that
+    # the reverse scan needs, instead of a separate _seg_state_kernel pass over q and do
+    "dq_gstate": True,
     # overrides when both head dims fit in 64 (H100, B2 H32 T32K D64: 2.19 -> 2.05 ms fwd+bwd; the same
     # settings at D=128 cost 5.7 -> 9.1 ms, see benchmarks/NOTES_kernel.md)
     "small": {
@@ -102,8 +107,14 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
 def _p2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b) (triton.cdiv is a JIT function: slow to call from Python)."""
+    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,12 +312,15 @@ def _bwd_dqdk_kernel(
     scale, T, H, D, E, NS, SEG_T, NTOK,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
-    DO_DK: tl.constexpr,
+    DO_DK: tl.constexpr, STORE_G: tl.constexpr,
 ):
     """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
 
     dq_i = scale * [ sum_{j<=i} lambda^(i-j) (do_i.v_j) k_j + lambda^(i+1) do_i S_in^T ]
     dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i + lambda^(L-1-j) v_j R^T
+    STORE_G (with DO_DK off): the forward walk also sums the segment's backward contribution
+    N_s = scale * sum_i lambda^(i-start+1) q_i^T do_i (its D block) into gbuf, in place of a separate
+    _seg_state_kernel pass over q and do.
     """
     pid = tl.program_id(0)
     NDB = tl.cdiv(D, BD)
@@ -330,6 +344,8 @@ def _bwd_dqdk_kernel(
 
     # ---- dq: forward walk, ST = S^T block [BE, BD]
     ST = tl.load(hbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
+    if STORE_G:
+        G = tl.zeros([BD, BE], dtype=tl.float32)
     for cs in range(start, end, BT):
         L = tl.minimum(end - cs, BT)
         tok = cs + o_t
@@ -338,6 +354,11 @@ def _bwd_dqdk_kernel(
         do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         vT = tl.load(v_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
         k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        if STORE_G:
+            # N_s += q^T (lambda^(t-start+1) do): the weight scales the rows of the [BT, BD] q block
+            qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+            g_w = tl.exp(-slope * tl.where(m_t, tok - start + 1, 0).to(tl.float32))
+            G += _dot((qT.to(tl.float32) * g_w[None, :]).to(do.dtype), do, PREC, UP)
         A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
         dq = _dot(A2.to(k.dtype), k, PREC, UP)
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
@@ -355,6 +376,8 @@ def _bwd_dqdk_kernel(
             q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
             g = tl.sum(q.to(tl.float32) * dq, axis=1)
             tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+    if STORE_G:
+        tl.store(gbuf_ptr + sbase + o_d[:, None] * E + o_e[None, :], G * scale, mask=m_d[:, None] & m_e[None, :])
 
     if DO_DK:
         # ---- dk: reverse walk, RT = R^T block [BE, BD]
@@ -640,14 +663,14 @@ class _Plan:
             self.N = B
             lens = [T] * B
         self.lens = lens
-        n_chunks = sum(triton.cdiv(L, CHUNK) for L in lens)
+        n_chunks = sum(_cdiv(L, CHUNK) for L in lens)
         if seg_chunks is None:
             seg_chunks = SEG_CHUNKS
         explicit_seg = seg_chunks
         if seg_chunks is None:
             if device.type == "cuda":
                 sms = _num_sms(device)
-                neb = triton.cdiv(E, _blk("fwd", E, D))
+                neb = _cdiv(E, _blk("fwd", E, D))
                 # enough programs for CONFIG["waves"] waves of the output kernel
                 seg_chunks = max(1, min(CONFIG["seg_max"], (n_chunks * H * neb) // (CONFIG["waves"] * sms)))
             else:
@@ -662,7 +685,7 @@ class _Plan:
             self.lb_chunks = int(explicit_seg) if explicit_seg is not None else int(CONFIG["lb_chunks"])
         self._lb = None
         if self.is_varlen:
-            nseg = [triton.cdiv(L, self.SEG_T) for L in lens]
+            nseg = [_cdiv(L, self.SEG_T) for L in lens]
             segoff = [0]
             for x in nseg:
                 segoff.append(segoff[-1] + x)
@@ -677,7 +700,7 @@ class _Plan:
             self.segseq = torch.tensor(seq if seq else [0], dtype=torch.int32, device=device)
             self.segstart = torch.tensor(st if st else [0], dtype=torch.int32, device=device)
         else:
-            self.NS = triton.cdiv(T, self.SEG_T)
+            self.NS = _cdiv(T, self.SEG_T)
             self.NSEG = B * self.NS
             self.cu = self.segoff = self.segseq = self.segstart = None
 
@@ -690,7 +713,7 @@ class _Plan:
         """
         if self._lb is None:
             pf_t = self.lb_chunks * CHUNK
-            nps = [triton.cdiv(L, pf_t) for L in self.lens]
+            nps = [_cdiv(L, pf_t) for L in self.lens]
             empty = [n_ for n_, m in enumerate(nps) if m == 0]
             empty = torch.tensor(empty, dtype=torch.long, device=device) if empty else None
             if not self.is_varlen:
@@ -710,8 +733,15 @@ class _Plan:
         return (torch.arange(self.T, device=device) - self.cu.long()[ids]).float()
 
 
+_DUMMIES: dict = {}
+
+
 def _dummy(device):
-    return torch.empty(1, dtype=torch.int32, device=device)
+    """A 1-element int32 tensor for pointer arguments a launch does not use (one per device)."""
+    d = _DUMMIES.get(device)
+    if d is None:
+        d = _DUMMIES[device] = torch.empty(1, dtype=torch.int32, device=device)
+    return d
 
 
 def _up(x) -> bool:
@@ -793,7 +823,7 @@ def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
     if plan.NSEG == 0:
         return out
     BD, BE = _blocks_state(D, E)
-    grid = (plan.NSEG * H * triton.cdiv(D, BD) * triton.cdiv(E, BE),)
+    grid = (plan.NSEG * H * _cdiv(D, BD) * _cdiv(E, BE),)
     d = _dummy(dev)
     _call(
         _seg_state_kernel, grid,
@@ -811,7 +841,7 @@ def _scan(buf, init, slopes, plan, reverse, store_fin):
     dev = buf.device
     fin = torch.empty(plan.N, H, D, E, dtype=torch.float32, device=dev) if store_fin else None
     BD, BE = _blocks_state(D, E, "scan")
-    grid = (plan.N * H * triton.cdiv(D, BD) * triton.cdiv(E, BE),)
+    grid = (plan.N * H * _cdiv(D, BD) * _cdiv(E, BE),)
     d = _dummy(dev)
     _call(
         _scan_kernel, grid,
@@ -843,7 +873,7 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
     if plan.NSEG > 0:
         BD = _p2(D)
         BE = _blk("fwd", E, D)
-        grid = (plan.NSEG * H * triton.cdiv(E, BE),)
+        grid = (plan.NSEG * H * _cdiv(E, BE),)
         _call(
             _fwd_out_kernel, grid,
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
@@ -855,57 +885,70 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
 
 
 def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, compute_dg):
-    """Returns dq, dk, dv, dh0 (or None), dG [B*T, H] fp32 (or None)."""
+    """Returns dq, dk, dv, dh0 (or None), dG [B*T, H] fp32 (or None).
+
+    Fused path (dk in the dv kernel): dq walk (+ backward segment states) -> reverse scan -> dk/dv walk.
+    Unfused: segment states of (q, do) -> reverse scan -> dq/dk walks -> dv walk.
+    """
     H, D, E = plan.H, plan.D, plan.E
     dev = q.device
     prec = _prec(q.dtype)
     state_fp32 = q.dtype != torch.bfloat16
-    gbuf = _seg_states(q, do, slopes, plan, scale, False, prec)
-    dh0 = _scan(gbuf, dht, slopes, plan, reverse=True, store_fin=h0_given)
     dq = _new(q.shape, q.dtype, dev)
     dk = _new(k.shape, k.dtype, dev)
     dv = _new(v.shape, v.dtype, dev)
     ntok = q.shape[0] * q.shape[1]
-    dG = None
-    if plan.NSEG > 0:
-        BE = _p2(E)
-        BDq = _blk("dqdk", D, E)
-        NDB = triton.cdiv(D, BDq)
-        BD = _p2(D)
-        BEv = _blk("dv", E, D)
-        kind_v = "dv"
-        # dk in the dv kernel's reverse walk when one E block covers E (CONFIG["fuse_dkdv"])
-        fuse = _fuse_dkdv(D, E)
-        if fuse and BEv < E:
-            if _p2(E) <= CONFIG["dv_fused"]["BLK"] and _p2(D) * _p2(E) <= 128 * 128:
-                BEv, kind_v = _p2(E), "dv_fused"
-            else:
-                fuse = False
-        if compute_dg:
-            dgq = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
-            dgk = torch.empty(1 if fuse else NDB, ntok, H, dtype=torch.float32, device=dev)
+    if plan.NSEG == 0:
+        gbuf = torch.empty(0, H, D, E, dtype=torch.float32, device=dev)
+        dh0 = _scan(gbuf, dht, slopes, plan, reverse=True, store_fin=h0_given)
+        dG = torch.zeros(ntok, H, dtype=torch.float32, device=dev) if compute_dg else None
+        return dq, dk, dv, dh0, dG
+    BE = _p2(E)
+    BDq = _blk("dqdk", D, E)
+    NDB = _cdiv(D, BDq)
+    BD = _p2(D)
+    BEv = _blk("dv", E, D)
+    kind_v = "dv"
+    # dk in the dv kernel's reverse walk when one E block covers E (CONFIG["fuse_dkdv"])
+    fuse = _fuse_dkdv(D, E)
+    if fuse and BEv < E:
+        if _p2(E) <= CONFIG["dv_fused"]["BLK"] and _p2(D) * _p2(E) <= 128 * 128:
+            BEv, kind_v = _p2(E), "dv_fused"
         else:
-            dgq = dgk = _dummy(dev)
-        grid = (plan.NSEG * H * NDB,)
+            fuse = False
+    # the dq walk also sums the backward segment states when it runs before the scan (fused path)
+    g_in_dq = fuse and bool(CONFIG["dq_gstate"])
+    if compute_dg:
+        dgq = torch.empty(NDB, ntok, H, dtype=torch.float32, device=dev)
+        dgk = torch.empty(1 if fuse else NDB, ntok, H, dtype=torch.float32, device=dev)
+    else:
+        dgq = dgk = _dummy(dev)
+
+    def dq_walk(gbuf):
         _call(
-            _bwd_dqdk_kernel, grid,
+            _bwd_dqdk_kernel, (plan.NSEG * H * NDB,),
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, DO_DK=not fuse, **_launch("dqdk", D, E),
+            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, **_launch("dqdk", D, E),
         )
-        grid = (plan.NSEG * H * triton.cdiv(E, BEv),)
-        _call(
-            _bwd_dv_kernel, grid,
-            q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
-            float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
-            BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
-            DO_DK=fuse, COMPUTE_DG=compute_dg, **_launch(kind_v, D, E),
-        )
-        if compute_dg:
-            dG = dgq.sum(0) - dgk.sum(0)
-    elif compute_dg:
-        dG = torch.zeros(ntok, H, dtype=torch.float32, device=dev)
+
+    if g_in_dq:
+        gbuf = torch.empty(plan.NSEG, H, D, E, dtype=torch.float32, device=dev)
+        dq_walk(gbuf)
+        dh0 = _scan(gbuf, dht, slopes, plan, reverse=True, store_fin=h0_given)
+    else:
+        gbuf = _seg_states(q, do, slopes, plan, scale, False, prec)
+        dh0 = _scan(gbuf, dht, slopes, plan, reverse=True, store_fin=h0_given)
+        dq_walk(gbuf)
+    _call(
+        _bwd_dv_kernel, (plan.NSEG * H * _cdiv(E, BEv),),
+        q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
+        float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
+        BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
+        DO_DK=fuse, COMPUTE_DG=compute_dg, **_launch(kind_v, D, E),
+    )
+    dG = dgq.sum(0) - dgk.sum(0) if compute_dg else None
     return dq, dk, dv, dh0, dG
 
 
@@ -921,7 +964,7 @@ def _lb_walk(a, b, c, out, slopes, plan, kind, reverse, init, trans_init, fin, a
     pf_t, NP, tab, n_pos, _ = plan.lb_layout(dev)
     BK = _p2(DA)
     BC = _blk(kind, DC, DA)
-    NCB = triton.cdiv(DC, BC)
+    NCB = _cdiv(DC, BC)
     lanes = plan.N * H * NCB
     chain = torch.empty(2 * lanes * BK * BC, dtype=torch.float32, device=dev)
     d = _dummy(dev)
@@ -939,7 +982,7 @@ def _lb_walk(a, b, c, out, slopes, plan, kind, reverse, init, trans_init, fin, a
 
 
 def _lb_lanes(plan, kind, DA, DC) -> int:
-    return plan.N * plan.H * triton.cdiv(DC, _blk(kind, DC, DA))
+    return plan.N * plan.H * _cdiv(DC, _blk(kind, DC, DA))
 
 
 def _fill_empty(fin, init, empty):
@@ -985,7 +1028,7 @@ def lightning_attn_bwd_lb(q, k, v, do, dht, slopes, scale, h0, plan, compute_dg)
         if compute_dg:
             dG = torch.zeros(ntok, H, dtype=torch.float32, device=dev)
         return dq, dk, dv, dh0, dG
-    nq = triton.cdiv(D, _blk("dqdk", D, E))
+    nq = _cdiv(D, _blk("dqdk", D, E))
     if compute_dg:
         dgq = torch.empty(nq, ntok, H, dtype=torch.float32, device=dev)
         dgk = torch.empty(nq, ntok, H, dtype=torch.float32, device=dev)
