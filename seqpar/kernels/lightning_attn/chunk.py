@@ -62,6 +62,10 @@ CONFIG = {
     "dv": dict(BLK=64, num_warps=4, num_stages=2),
     "waves": 4,
     "seg_max": 32,
+    # H200, segments of up to 64 chunks in 2 waves once 4 waves of 32-chunk segments are full (B4 H16 D128:
+    # 16K 1.95 -> 1.90 ms, 32K 3.86 -> 3.79, 128K (B1) 4.03 -> 3.84; B2 H32 T32K D64 1.28 -> 1.22); at 4K-8K
+    # the longer segments cost 4-7 % of kernel time, so smaller problems keep the rule above
+    "seg_long": {"waves": 2, "seg_max": 64},
     # one-pass kernels with a chained look-back between segments (_lb_walk_kernel) instead of segment
     # states + scan + walk: "fwd" (default) for the forward only, which also saves the segment states for
     # the scan-path backward (H100, B4 H16 T32K D128: forward 1.48 -> 1.45 ms); True for the backward too
@@ -671,8 +675,14 @@ class _Plan:
             if device.type == "cuda":
                 sms = _num_sms(device)
                 neb = _cdiv(E, _blk("fwd", E, D))
-                # enough programs for CONFIG["waves"] waves of the output kernel
-                seg_chunks = max(1, min(CONFIG["seg_max"], (n_chunks * H * neb) // (CONFIG["waves"] * sms)))
+                # enough programs for CONFIG["waves"] waves of the output kernel; problems that fill those
+                # waves with seg_max-chunk segments get longer segments and fewer waves (CONFIG["seg_long"])
+                work = n_chunks * H * neb
+                seg_chunks = work // (CONFIG["waves"] * sms)
+                long = CONFIG.get("seg_long")
+                if long and seg_chunks >= CONFIG["seg_max"]:
+                    seg_chunks = min(long["seg_max"], work // (long["waves"] * sms))
+                seg_chunks = max(1, min(seg_chunks, max(CONFIG["seg_max"], long["seg_max"] if long else 0)))
             else:
                 seg_chunks = 4
         self.seg_chunks = int(seg_chunks)
