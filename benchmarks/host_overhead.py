@@ -1,5 +1,7 @@
 """Host-side cost of one seqpar fwd+bwd step (small shapes are launch-bound): wall time per step with the
-GPU kept busy vs. the GPU time of the step's kernels, and the top Python functions by own time (cProfile).
+GPU kept busy vs. the GPU time of the step's kernels; the floors (torch SDPA's step, a Python
+autograd.Function that launches nothing, one Triton launch); the top Python functions by own time (cProfile)
+of the whole step and of its forward and backward launchers.
 
     python benchmarks/host_overhead.py [--shape 4,16,2048,128] [--steps 200]
 """
@@ -121,19 +123,8 @@ def main():
     floors(q, k, v, do, args.steps)
     # the whole step on this thread (autograd's device threads off), so cProfile sees the backward too
     with torch.autograd.set_multithreading_enabled(False):
-        t_host, _ = host_time(step, args.steps)
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(50):
-            step()
-        pr.disable()
-    torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
-    print(f"== whole step, autograd on the main thread: host {t_host * 1e3:.3f} ms/step")
-    print("\n".join(buf.getvalue().splitlines()[:45]))
-    # the backward runs on an autograd worker thread, which cProfile does not see: profile the forward
-    # through the public API and the backward launcher called directly, both on this thread
+        profile_calls("whole step, autograd on the main thread", step, args.steps, 25)
+    # and its two launchers: the forward through the public API, the backward launcher called directly
     scale = D ** -0.5
     plan = chunk._Plan(B, T, H, D, D, None, q.device)  # default "fwd" mode: look-back segments = scan's
     _, _, hbuf = chunk.lightning_attn_fwd_lb(q.detach(), k.detach(), v.detach(), s, scale, None, plan, True)
@@ -145,19 +136,23 @@ def main():
     def bwd():
         chunk.lightning_attn_bwd(q.detach(), k.detach(), v.detach(), do, None, s, scale, False, hbuf, plan, False)
 
-    for name, fn in (("forward (lightning_attn, no grad)", fwd), ("backward launcher", bwd)):
-        t_host, _ = host_time(fn, args.steps)
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(50):
-            fn()
-        pr.disable()
-        torch.cuda.synchronize()
-        buf = io.StringIO()
-        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
-        print(f"== {name}: host {t_host * 1e3:.3f} ms/call")
-        print("\n".join(buf.getvalue().splitlines()[:40]))
+    profile_calls("forward (lightning_attn, no grad)", fwd, args.steps, 18)
+    profile_calls("backward launcher", bwd, args.steps, 18)
 
+
+def profile_calls(name, fn, steps, top):
+    """Print the host time per call of fn and the top functions by own time (cProfile over 50 calls)."""
+    t_host, _ = host_time(fn, steps)
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(50):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    print(f"== {name}: host {t_host * 1e3:.3f} ms/call")
+    print("\n".join(buf.getvalue().splitlines()[: top + 20]))
 
 if __name__ == "__main__":
     main()
