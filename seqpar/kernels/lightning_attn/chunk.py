@@ -53,7 +53,8 @@ SEG_CHUNKS: Optional[int] = None
 FP32_PRECISION = os.environ.get("SEQPAR_FP32_PRECISION", "ieee")
 # Launch configuration (GPU). BLK: the largest block of the split head dim (E for "fwd"/"dv", D for
 # "dqdk", both for "seg"/"scan"); it is capped so that a register-resident fp32 state block has at most
-# 128 x 128 elements. Segments get ``waves`` x SMs programs of the output kernel, at most ``seg_max`` chunks.
+# 128 x 128 elements. Segments get ``waves`` x SMs programs of the output kernel, at most ``seg_max`` chunks
+# (``seg_long``: at most its ``seg_max`` chunks for its ``waves`` once the first rule is saturated).
 CONFIG = {
     "seg": dict(BLK=64, num_warps=4, num_stages=2),
     "scan": dict(BLK=64, num_warps=4),
