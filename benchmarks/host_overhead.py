@@ -33,7 +33,7 @@ def host_time(fn, steps):
     return t_host, (time.perf_counter() - t0) / steps
 
 
-def floors(q, k, v, do, steps):
+def floors(chunk, q, k, v, do, steps):
     """Host cost of the parts of a step that do not depend on seqpar's kernels: torch SDPA's fwd+bwd step,
     a Python autograd.Function that launches nothing (allocations only), and one Triton launch of a
     seqpar kernel through JITFunction.__getitem__ vs the compiled kernel's own launcher."""
@@ -59,9 +59,6 @@ def floors(q, k, v, do, steps):
     def noop():
         Noop.apply(q, k, v).backward(do)
 
-    import importlib
-
-    chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
     B, T, H, D = q.shape
     plan = chunk._Plan(B, T, H, D, D, None, q.device)
     buf = torch.zeros(plan.NSEG, H, D, D, device=q.device)
@@ -120,7 +117,7 @@ def main():
     import importlib
 
     chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
-    floors(q, k, v, do, args.steps)
+    floors(chunk, q, k, v, do, args.steps)
     # the whole step on this thread (autograd's device threads off), so cProfile sees the backward too
     with torch.autograd.set_multithreading_enabled(False):
         profile_calls("whole step, autograd on the main thread", step, args.steps, 25)
@@ -153,6 +150,7 @@ def profile_calls(name, fn, steps, top):
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
     print(f"== {name}: host {t_host * 1e3:.3f} ms/call")
     print("\n".join(buf.getvalue().splitlines()[: top + 20]))
+
 
 if __name__ == "__main__":
     main()

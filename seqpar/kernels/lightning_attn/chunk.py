@@ -679,11 +679,11 @@ class _Plan:
                 # enough programs for CONFIG["waves"] waves of the output kernel; problems that fill those
                 # waves with seg_max-chunk segments get longer segments and fewer waves (CONFIG["seg_long"])
                 work = n_chunks * H * neb
-                seg_chunks = work // (CONFIG["waves"] * sms)
+                seg_chunks = min(CONFIG["seg_max"], work // (CONFIG["waves"] * sms))
                 long = CONFIG.get("seg_long")
-                if long and seg_chunks >= CONFIG["seg_max"]:
+                if long and seg_chunks == CONFIG["seg_max"]:
                     seg_chunks = min(long["seg_max"], work // (long["waves"] * sms))
-                seg_chunks = max(1, min(seg_chunks, max(CONFIG["seg_max"], long["seg_max"] if long else 0)))
+                seg_chunks = max(1, seg_chunks)
             else:
                 seg_chunks = 4
         self.seg_chunks = int(seg_chunks)
