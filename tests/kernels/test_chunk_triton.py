@@ -254,15 +254,12 @@ def test_segment_length_does_not_change_the_result(monkeypatch):
         assert torch.allclose(ht, outs[0][1], atol=1e-5, rtol=1e-4)
 
 
-# ------------------------------------------------------------------------------------------ GPU only
-
-
 @pytest.mark.parametrize(
     "B,T,H,D,expected",
     [(4, 2048, 16, 128, 7), (4, 8192, 16, 128, 31), (4, 16384, 16, 128, 64), (4, 32768, 16, 128, 64),
      (1, 131072, 16, 128, 64), (2, 32768, 32, 64, 64), (1, 64, 1, 16, 1)],
 )
-def test_automatic_segment_length_on_a_gpu(B, T, H, D, expected, monkeypatch):
+def test_automatic_segment_length_for_a_gpu(B, T, H, D, expected, monkeypatch):
     """The segment length chosen for a 132-SM GPU: 4 waves of <= 32-chunk segments, and <= 64-chunk segments
     in 2 waves (CONFIG["seg_long"]) once the first rule is saturated (benchmarks/results/kernel_tuning_h200.md)."""
     monkeypatch.setattr(chunk, "SEG_CHUNKS", None)
@@ -272,6 +269,9 @@ def test_automatic_segment_length_on_a_gpu(B, T, H, D, expected, monkeypatch):
     assert plan.lb_chunks == plan.seg_chunks  # "fwd" look-back mode stores the scan's segment states
     monkeypatch.setitem(chunk.CONFIG, "seg_long", None)
     assert chunk._Plan(B, T, H, D, D, None, torch.device("cuda")).seg_chunks == min(expected, 32)
+
+
+# ------------------------------------------------------------------------------------------ GPU only
 
 
 @pytest.mark.gpu
@@ -352,4 +352,3 @@ def test_out_of_shared_memory_relaunches_with_one_stage(monkeypatch):
     assert calls == [2, 1, 1, 2, 1]
     with pytest.raises(OutOfResources):  # nothing left to shed: the error surfaces
         chunk._call(FakeKernel(0), (1,), x, BD=64, num_stages=2)
-
