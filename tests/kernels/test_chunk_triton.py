@@ -311,6 +311,46 @@ def test_gpu_no_recompile_per_T():
     assert sizes[0] > 0 and sizes[-1] == sizes[0], sizes
 
 
+@pytest.mark.gpu
+def test_gpu_fast_launch_equals_jit_launch(monkeypatch):
+    """Launching through the cached compiled kernels (CONFIG["fast_launch"]) gives bit-identical results to
+    Triton's own launch path, and inputs that are not 16-byte aligned get their own kernel, not the aligned one."""
+    monkeypatch.setattr(chunk, "SEG_CHUNKS", None)
+    B, T, H, D = 2, 1000, 4, 64
+    q, k, v, s, h0, do, dht = _make(B, T, H, D, D, torch.bfloat16, "weak", True)
+    do, dht = do.cuda(), dht.cuda()
+
+    def leaf(x, offset):  # a contiguous leaf whose data pointer is `offset` elements past a 16-byte boundary
+        buf = torch.empty(x.numel() + offset, dtype=x.dtype, device="cuda")
+        y = buf[offset:].view(x.shape)
+        y.copy_(x)
+        assert y.is_contiguous() and (y.data_ptr() % 16 == 0) == (offset == 0)
+        return y.requires_grad_(True)
+
+    def run(offset):
+        leaves = [leaf(q, offset), leaf(k, offset), leaf(v, offset), s.cuda().requires_grad_(True),
+                  h0.cuda().requires_grad_(True)]
+        o, ht = lightning_attn(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend="triton")
+        ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+        return [o.detach(), ht.detach()] + [x.grad for x in leaves]
+
+    results = {}
+    for fast in (False, True, True):  # the second fast run launches from the cache
+        monkeypatch.setitem(chunk.CONFIG, "fast_launch", fast)
+        for offset in (0, 1):
+            results.setdefault(offset, []).append(run(offset))
+    aligned = [all(a[1] for a in key[3] if isinstance(a, tuple) and len(a) == 2)
+               for key in chunk._COMPILED if key[0] is chunk._bwd_dqdk_kernel]
+    assert True in aligned and False in aligned, "aligned and misaligned launches must be cached apart"
+    names = ["o", "ht", "dq", "dk", "dv", "dslopes", "dh0"]
+    for offset, runs in results.items():
+        for again in runs[1:]:
+            for n, a, b in zip(names, runs[0], again):
+                assert torch.equal(a, b), (offset, n)
+    for n, a, b in zip(names, results[0][0], results[1][0]):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-2), ("aligned vs misaligned", n)
+
+
 KERNELS = ["_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel", "_lb_walk_kernel"]
 
 

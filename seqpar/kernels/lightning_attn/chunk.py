@@ -81,6 +81,8 @@ CONFIG = {
     # with fuse_dkdv: the dq walk (first backward kernel) also sums the segment states of (q, do) that
     # the reverse scan needs, instead of a separate _seg_state_kernel pass over q and do
     "dq_gstate": True,
+    # GPU: launch through the compiled kernel once its launch signature has been seen (see _call)
+    "fast_launch": True,
     # overrides when both head dims fit in 64 (H100, B2 H32 T32K D64: 2.19 -> 2.05 ms fwd+bwd; the same
     # settings at D=128 cost 5.7 -> 9.1 ms, see benchmarks/NOTES_kernel.md)
     "small": {
@@ -513,7 +515,7 @@ def _lb_walk_kernel(
 
     Programs take tickets in launch order (an atomic counter), walk position-major, so a segment's
     predecessor always holds an earlier ticket. Each program (1) sums its segment's own contribution M
-    (reads b, c), (2) waits for its predecessor's inclusive state in a two-slot per-lane buffer (flag =
+    (reads b, c; not in the last segment of a sequence, whose final state is the walk's), (2) waits for its predecessor's inclusive state in a two-slot per-lane buffer (flag =
     position + 1), publishes its own (lambda^len S_in + M) for its successor, (3) walks its chunks from
     S_in and writes out. Two slots suffice: the successor of a slot's next writer has read the slot.
     STORE_SBUF: also store the state entering each segment, sbuf [NSEG, H, DA, DC] (forward: the
@@ -553,9 +555,13 @@ def _lb_walk_kernel(
     m_c = o_c < DC
     m_kc = m_k[:, None] & m_c[None, :]
 
-    # (1) the segment's own contribution
+    # (1) the segment's own contribution; the last segment of a sequence has no successor to publish to,
+    # and its final state (STORE_FIN) is the walk's own final state, so it skips this pass
     M = tl.zeros([BK, BC], dtype=tl.float32)
-    for cs in range(start, end, BT):
+    end1 = end
+    if p == nseg - 1:
+        end1 = start
+    for cs in range(start, end1, BT):
         tok = cs + o_t
         m_t = tok < end
         tok64 = tok.to(tl.int64)
@@ -595,8 +601,6 @@ def _lb_walk_kernel(
         tl.store(chain_ptr + ((2 * lane + slot).to(tl.int64) * BK + o_k[:, None]) * BC + o_cl[None, :], incl)
         tl.debug_barrier()
         tl.atomic_xchg(sync_ptr + 1 + 2 * lane + slot, p + 1)
-    elif STORE_FIN:
-        tl.store(fin_ptr + nh + ioff, incl, mask=m_kc)
     if STORE_SBUF:
         if IS_VARLEN:
             sidx = tl.load(segoff_ptr + n).to(tl.int32) + seg
@@ -648,6 +652,9 @@ def _lb_walk_kernel(
             x = tl.load(x_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
             g = tl.sum(x.to(tl.float32) * out, axis=1)
             tl.store(g_ptr + i_c.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+    if STORE_FIN:
+        if p == nseg - 1:
+            tl.store(fin_ptr + nh + ioff, S, mask=m_kc)
 
 # --------------------------------------------------------------------------------------------------
 # Launchers
@@ -805,18 +812,61 @@ def _stage_key(kernel, args, kwargs) -> tuple:
     return (name,) + opts + tuple(str(a.dtype) for a in args[:1] if isinstance(a, torch.Tensor))
 
 
+# Compiled kernels by launch signature, for launching without JITFunction.run's per-call argument binding
+# (CONFIG["fast_launch"]): {(kernel, device, kwargs, _signature(args)): (CompiledKernel, constexpr values)}.
+_COMPILED: dict = {}
+
+
+def _signature(args) -> tuple:
+    """What Triton specialises a launch on, per positional argument: a tensor's dtype and 16-byte alignment,
+    an int's width and whether it is 1 or a multiple of 16 (a superset of Triton's key: never too coarse)."""
+    return tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
+        else (a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF) if type(a) is int
+        else type(a)
+        for a in args
+    )
+
+
+# Triton's runtime knobs (launch hooks, read at every launch as Triton's own launch path does)
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def _call(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs), falling back to num_stages=1 when the tiles exceed shared memory."""
+    """kernel[grid](*args, **kwargs), falling back to num_stages=1 when the tiles exceed shared memory.
+
+    On a GPU (CONFIG["fast_launch"]) a launch whose signature was seen before goes straight to the compiled
+    kernel's launcher: Triton's JITFunction.run re-binds and re-specialises every argument on every call,
+    which costs the host 20-80 us per launch (benchmarks/results/host_overhead_h200.md).
+    """
     if _SINGLE_STAGE and _stage_key(kernel, args, kwargs) in _SINGLE_STAGE:  # no key work on the usual path
         kwargs["num_stages"] = 1
+    key = None
+    if CONFIG.get("fast_launch") and _RUNTIME is not None and args[0].is_cuda:
+        dev = args[0].get_device()  # a compiled kernel's function handle belongs to one device
+        key = (kernel, dev, tuple(kwargs.items()), _signature(args))
+        hit = _COMPILED.get(key)
+        if hit is not None:
+            ck, tail = hit
+            full = args + tail
+            stream = torch._C._cuda_getCurrentRawStream(dev)
+            ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
+                   _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *full)
+            return ck
     try:
-        return kernel[grid](*args, **kwargs)
+        ck = kernel[grid](*args, **kwargs)
     except OutOfResources:
         if kwargs.get("num_stages", 1) <= 1:
             raise
         _SINGLE_STAGE.add(_stage_key(kernel, args, kwargs))
         kwargs["num_stages"] = 1
-        return kernel[grid](*args, **kwargs)
+        ck = kernel[grid](*args, **kwargs)
+        key = None  # the next call takes the single-stage path above and caches under its own kwargs
+    if key is not None and all(hasattr(ck, a) for a in ("packed_metadata", "launch_metadata", "function", "run")):
+        tail = tuple(kwargs[name] for name in kernel.arg_names[len(args):])
+        _COMPILED[key] = (ck, tail)
+    return ck
 
 
 def _new(shape, dtype, device):
