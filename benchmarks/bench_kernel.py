@@ -261,6 +261,16 @@ TUNE_VARIANTS = {
     "fusedw8blk128": {"fuse_dkdv": True, "dv": {"BLK": 128, "num_warps": 8}},
     "fused": {"fuse_dkdv": True, "dv": {"BLK": 128}},
     "fused_w8": {"fuse_dkdv": True, "dv": {"BLK": 128, "num_warps": 8}},
+    # register caps (ptxas -maxnreg): 168 registers fit 3 programs of 4 warps per SM, 128 fit 4 (or 2 of 8)
+    "fwdreg168": {"fwd": {"maxnreg": 168}},
+    "fwdreg128": {"fwd": {"maxnreg": 128}},
+    "dqreg168": {"dqdk": {"maxnreg": 168}},
+    "dqreg128": {"dqdk": {"maxnreg": 128}},
+    "dvfreg128": {"dv_fused": {"maxnreg": 128}},
+    "reg168": {"fwd": {"maxnreg": 168}, "dqdk": {"maxnreg": 168}, "dv_fused": {"maxnreg": 128}},
+    "reg128": {"fwd": {"maxnreg": 128}, "dqdk": {"maxnreg": 128}, "dv_fused": {"maxnreg": 128}},
+    "fwdreg128st1": {"fwd": {"maxnreg": 128, "num_stages": 1}},
+    "dqreg128st1": {"dqdk": {"maxnreg": 128, "num_stages": 1}},
 }
 
 

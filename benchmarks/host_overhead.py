@@ -3,7 +3,7 @@ GPU kept busy vs. the GPU time of the step's kernels; the floors (torch SDPA's s
 autograd.Function that launches nothing, one Triton launch); the top Python functions by own time (cProfile)
 of the whole step and of its forward and backward launchers.
 
-    python benchmarks/host_overhead.py [--shape 4,16,2048,128] [--steps 200]
+    python benchmarks/host_overhead.py [--shape 4,16,2048,128] [--steps 200] [--rounds 7]
 """
 from __future__ import annotations
 
@@ -31,6 +31,18 @@ def host_time(fn, steps):
     t_host = (time.perf_counter() - t0) / steps
     torch.cuda.synchronize()
     return t_host, (time.perf_counter() - t0) / steps
+
+
+def host_rounds(fns, steps, rounds=7):
+    """Host ms per call of each named fn, interleaved over `rounds` rounds: {name: (min, median)}.
+
+    Host timings of one process drift by tens of percent (clocks, other tenants); interleaving the
+    candidates and taking the minimum of several rounds compares them under the same conditions."""
+    got = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            got[name].append(host_time(fn, steps)[0] * 1e3)
+    return {name: (min(ts), sorted(ts)[len(ts) // 2]) for name, ts in got.items()}
 
 
 def floors(chunk, q, k, v, do, steps):
@@ -80,17 +92,36 @@ def floors(chunk, q, k, v, do, steps):
     def compiled_launch():
         runner(*full)
 
-    for name, fn in (("torch SDPA fwd+bwd step", sdpa), ("no-op autograd.Function fwd+bwd step", noop),
-                     ("one Triton launch (_scan_kernel) via JITFunction", jit_launch),
-                     ("the same launch via the CompiledKernel launcher", compiled_launch)):
-        t_host, _ = host_time(fn, steps)
-        print(f"floor: {name}: host {t_host * 1e3:.3f} ms/call")
+    return {"torch SDPA fwd+bwd step": sdpa, "no-op autograd.Function fwd+bwd step": noop,
+            "one Triton launch (_scan_kernel) via JITFunction": jit_launch,
+            "the same launch via the CompiledKernel launcher": compiled_launch}
+
+
+def with_config(chunk, fn, **overrides):
+    """fn with chunk.CONFIG entries overridden for the call."""
+    def run():
+        saved = {key: chunk.CONFIG[key] for key in overrides}
+        chunk.CONFIG.update(overrides)
+        try:
+            fn()
+        finally:
+            chunk.CONFIG.update(saved)
+    return run
+
+
+def on_main_thread(fn):
+    """fn with autograd's device threads off: the backward runs on the calling thread."""
+    def run():
+        with torch.autograd.set_multithreading_enabled(False):
+            fn()
+    return run
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="4,16,2048,128")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the host-time comparison")
     args = ap.parse_args()
     from seqpar import lightning_attn
 
@@ -117,7 +148,19 @@ def main():
     import importlib
 
     chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
-    floors(chunk, q, k, v, do, args.steps)
+    fl = floors(chunk, q, k, v, do, args.steps)
+    fns = {"seqpar fwd+bwd step": step, "seqpar fwd+bwd step, autograd on the calling thread": on_main_thread(step)}
+    if "fast_launch" in chunk.CONFIG:  # the same step through Triton's own launch path
+        fns["seqpar fwd+bwd step, fast_launch off"] = with_config(chunk, step, fast_launch=False)
+        fns["seqpar fwd+bwd step, fast_launch off, autograd on the calling thread"] = on_main_thread(
+            with_config(chunk, step, fast_launch=False))
+    for name in ("torch SDPA fwd+bwd step", "no-op autograd.Function fwd+bwd step"):
+        fns[name] = fl[name]
+        fns[name + ", autograd on the calling thread"] = on_main_thread(fl[name])
+    fns.update({name: fn for name, fn in fl.items() if name not in fns})
+    print(f"host ms per call, {args.rounds} interleaved rounds of {args.steps} calls: min / median")
+    for name, (lo, med) in host_rounds(fns, args.steps, args.rounds).items():
+        print(f"| {name} | {lo:.3f} / {med:.3f} |")
     # the whole step on this thread (autograd's device threads off), so cProfile sees the backward too
     with torch.autograd.set_multithreading_enabled(False):
         profile_calls("whole step, autograd on the main thread", step, args.steps, 25)
