@@ -820,39 +820,32 @@ _COMPILED: dict = {}
 def _signature(args) -> tuple:
     """What Triton specialises a launch on, per positional argument: a tensor's dtype and 16-byte alignment,
     an int's width and whether it is 1 or a multiple of 16 (a superset of Triton's key: never too coarse)."""
-    return tuple(
+    return tuple([
         (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
         else (a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF) if type(a) is int
         else type(a)
         for a in args
-    )
-
-
-# Triton's runtime knobs (launch hooks, read at every launch as Triton's own launch path does)
-_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
+    ])
 
 
 def _call(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), falling back to num_stages=1 when the tiles exceed shared memory.
 
     On a GPU (CONFIG["fast_launch"]) a launch whose signature was seen before goes straight to the compiled
-    kernel's launcher: Triton's JITFunction.run re-binds and re-specialises every argument on every call,
-    which costs the host 20-80 us per launch (benchmarks/results/host_overhead_h200.md).
+    kernel's own launcher (``CompiledKernel[grid](*args, stream=...)``, which runs Triton's launch hooks as
+    JITFunction.run does): JITFunction.run re-binds and re-specialises every argument on every call, which
+    costs the host 20-80 us per launch (benchmarks/results/host_overhead_h200.md).
     """
     if _SINGLE_STAGE and _stage_key(kernel, args, kwargs) in _SINGLE_STAGE:  # no key work on the usual path
         kwargs["num_stages"] = 1
     key = None
-    if CONFIG.get("fast_launch") and _RUNTIME is not None and args[0].is_cuda:
+    if CONFIG.get("fast_launch") and args[0].is_cuda:
         dev = args[0].get_device()  # a compiled kernel's function handle belongs to one device
         key = (kernel, dev, tuple(kwargs.items()), _signature(args))
         hit = _COMPILED.get(key)
         if hit is not None:
             ck, tail = hit
-            full = args + tail
-            stream = torch._C._cuda_getCurrentRawStream(dev)
-            ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                   ck.function, ck.packed_metadata, ck.launch_metadata(grid, stream, *full),
-                   _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *full)
+            ck[(tuple(grid) + (1, 1))[:3]](*args, *tail, stream=torch._C._cuda_getCurrentRawStream(dev))
             return ck
     try:
         ck = kernel[grid](*args, **kwargs)
@@ -863,9 +856,9 @@ def _call(kernel, grid, *args, **kwargs):
         kwargs["num_stages"] = 1
         ck = kernel[grid](*args, **kwargs)
         key = None  # the next call takes the single-stage path above and caches under its own kwargs
-    if key is not None and all(hasattr(ck, a) for a in ("packed_metadata", "launch_metadata", "function", "run")):
-        tail = tuple(kwargs[name] for name in kernel.arg_names[len(args):])
-        _COMPILED[key] = (ck, tail)
+    names = getattr(kernel, "arg_names", ())[len(args):]
+    if key is not None and hasattr(ck, "__getitem__") and all(name in kwargs for name in names):
+        _COMPILED[key] = (ck, tuple(kwargs[name] for name in names))  # constexprs, in declaration order
     return ck
 
 
