@@ -3,7 +3,7 @@ GPU kept busy vs. the GPU time of the step's kernels; the floors (torch SDPA's s
 autograd.Function that launches nothing, one Triton launch); the top Python functions by own time (cProfile)
 of the whole step and of its forward and backward launchers.
 
-    python benchmarks/host_overhead.py [--shape 4,16,2048,128] [--steps 200] [--rounds 7]
+    python benchmarks/host_overhead.py [--shape 4,16,2048,128] [--steps 200] [--rounds 7] [--per-launch]
 """
 from __future__ import annotations
 
@@ -97,6 +97,47 @@ def floors(chunk, q, k, v, do, steps):
             "the same launch via the CompiledKernel launcher": compiled_launch}
 
 
+def per_launch(chunk, step, steps=300, repeats=3):
+    """Median host us of each launcher call (chunk._call, by kernel) inside the step, fast launch on / off,
+    autograd on its worker thread / on the calling thread; one line per (mode, kernel) with `repeats` medians."""
+    import collections
+    import statistics
+
+    acc = collections.defaultdict(list)
+    orig = chunk._call
+
+    def timed(kernel, grid, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return orig(kernel, grid, *args, **kwargs)
+        finally:
+            acc[kernel.fn.__name__].append(time.perf_counter() - t0)
+
+    modes = {"fast, worker thread": with_config(chunk, step, fast_launch=True),
+             "off, worker thread": with_config(chunk, step, fast_launch=False),
+             "fast, calling thread": on_main_thread(with_config(chunk, step, fast_launch=True)),
+             "off, calling thread": on_main_thread(with_config(chunk, step, fast_launch=False))}
+    out = collections.defaultdict(list)
+    chunk._call = timed
+    try:
+        for _ in range(repeats):
+            for mode, fn in modes.items():
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+                acc.clear()
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+                for name, ts in acc.items():
+                    out[(mode, name)].append(statistics.median(ts) * 1e6)
+    finally:
+        chunk._call = orig
+    print(f"host us per launcher call inside the step (medians of {steps} steps, {repeats} repeats):")
+    for (mode, name), vals in sorted(out.items()):
+        print(f"| {mode} | {name} | " + " / ".join(f"{v:.0f}" for v in vals) + " |")
+
+
 def with_config(chunk, fn, **overrides):
     """fn with chunk.CONFIG entries overridden for the call."""
     def run():
@@ -122,6 +163,7 @@ def main():
     ap.add_argument("--shape", default="4,16,2048,128")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the host-time comparison")
+    ap.add_argument("--per-launch", action="store_true", help="also time each launcher call inside the step")
     args = ap.parse_args()
     from seqpar import lightning_attn
 
@@ -161,6 +203,8 @@ def main():
     print(f"host ms per call, {args.rounds} interleaved rounds of {args.steps} calls: min / median")
     for name, (lo, med) in host_rounds(fns, args.steps, args.rounds).items():
         print(f"| {name} | {lo:.3f} / {med:.3f} |")
+    if args.per_launch and "fast_launch" in chunk.CONFIG:
+        per_launch(chunk, step)
     # the whole step on this thread (autograd's device threads off), so cProfile sees the backward too
     with torch.autograd.set_multithreading_enabled(False):
         profile_calls("whole step, autograd on the main thread", step, args.steps, 25)
