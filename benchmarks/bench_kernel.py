@@ -274,6 +274,20 @@ TUNE_VARIANTS = {
 }
 
 
+def use_variant(chunk, base, name):
+    """Set chunk.CONFIG to a deep copy of `base` with TUNE_VARIANTS[name] applied (dict entries update)."""
+    import copy
+
+    cfg = copy.deepcopy(base)
+    for key, val in TUNE_VARIANTS[name].items():
+        if isinstance(val, dict):
+            cfg[key].update(val)
+        else:
+            cfg[key] = val
+    chunk.CONFIG.clear()
+    chunk.CONFIG.update(cfg)
+
+
 def _lb_split(prof, n):
     """ms per call of the four _lb_walk_kernel launches of a step (o, dq, dk, dv), from the raw events."""
     evs = []
@@ -308,14 +322,7 @@ def tune(shapes, variants, device):
         s = alibi_slopes(H).to(device)
         do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
         for name in variants:
-            cfg = copy.deepcopy(base)
-            for key, val in TUNE_VARIANTS[name].items():
-                if isinstance(val, dict):
-                    cfg[key].update(val)
-                else:
-                    cfg[key] = val
-            chunk.CONFIG.clear()
-            chunk.CONFIG.update(cfg)
+            use_variant(chunk, base, name)
             try:
                 step = lambda: lightning_attn(q, k, v, s, backend="triton")[0].backward(do)  # noqa: E731
                 step()

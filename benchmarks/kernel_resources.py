@@ -61,7 +61,7 @@ def record_step(shape, device):
 
 
 def table(shape, variants, device) -> str:
-    from bench_kernel import TUNE_VARIANTS
+    from bench_kernel import use_variant
 
     from seqpar.kernels.lightning_attn import chunk
 
@@ -73,14 +73,7 @@ def table(shape, variants, device) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in variants:
-        cfg = copy.deepcopy(base)
-        for key, val in TUNE_VARIANTS[name].items():
-            if isinstance(val, dict):
-                cfg[key].update(val)
-            else:
-                cfg[key] = val
-        chunk.CONFIG.clear()
-        chunk.CONFIG.update(cfg)
+        use_variant(chunk, base, name)
         try:
             for kname, opts, ck in record_step(shape, device):
                 n_regs = getattr(ck, "n_regs", None)
