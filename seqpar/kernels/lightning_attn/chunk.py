@@ -515,9 +515,10 @@ def _lb_walk_kernel(
 
     Programs take tickets in launch order (an atomic counter), walk position-major, so a segment's
     predecessor always holds an earlier ticket. Each program (1) sums its segment's own contribution M
-    (reads b, c; not in the last segment of a sequence, whose final state is the walk's), (2) waits for its predecessor's inclusive state in a two-slot per-lane buffer (flag =
-    position + 1), publishes its own (lambda^len S_in + M) for its successor, (3) walks its chunks from
-    S_in and writes out. Two slots suffice: the successor of a slot's next writer has read the slot.
+    (reads b, c; skipped in the last segment of a sequence, whose final state is the walk's), (2) waits
+    for its predecessor's inclusive state in a two-slot per-lane buffer (flag = position + 1), publishes
+    its own (lambda^len S_in + M) for its successor, (3) walks its chunks from S_in and writes out. Two
+    slots suffice: the successor of a slot's next writer has read the slot.
     STORE_SBUF: also store the state entering each segment, sbuf [NSEG, H, DA, DC] (forward: the
     segment states the scan-path backward reads).
     """
@@ -834,7 +835,8 @@ def _call(kernel, grid, *args, **kwargs):
     On a GPU (CONFIG["fast_launch"]) a launch whose signature was seen before goes straight to the compiled
     kernel's own launcher (``CompiledKernel[grid](*args, stream=...)``, which runs Triton's launch hooks as
     JITFunction.run does): JITFunction.run re-binds and re-specialises every argument on every call, which
-    costs the host 20-80 us per launch (benchmarks/results/host_overhead_h200.md).
+    costs the host 40-120 us per launch inside a training step on an H200 machine, 25-50 % more than this
+    path (benchmarks/results/host_overhead_h200.md).
     """
     if _SINGLE_STAGE and _stage_key(kernel, args, kwargs) in _SINGLE_STAGE:  # no key work on the usual path
         kwargs["num_stages"] = 1
