@@ -206,8 +206,7 @@ def main():
     if args.per_launch and "fast_launch" in chunk.CONFIG:
         per_launch(chunk, step)
     # the whole step on this thread (autograd's device threads off), so cProfile sees the backward too
-    with torch.autograd.set_multithreading_enabled(False):
-        profile_calls("whole step, autograd on the main thread", step, args.steps, 25)
+    profile_calls("whole step, autograd on the main thread", on_main_thread(step), args.steps, 25)
     # and its two launchers: the forward through the public API, the backward launcher called directly
     scale = D ** -0.5
     plan = chunk._Plan(B, T, H, D, D, None, q.device)  # default "fwd" mode: look-back segments = scan's
