@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels.lightning_attn import lightning_attn
+from ..kernels.linear_ce import linear_cross_entropy
 from .config import TNLConfig
 
 IGNORE_INDEX = -100
@@ -444,22 +445,11 @@ class TransNormerLLM(nn.Module):
                         final_states=final_states, num_tokens=num_tokens)
 
     def _chunked_ce_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of token losses, lm head + CE per chunk of tokens (recomputed in the backward)."""
+        """Sum of token losses through the fused linear + cross entropy (chunks of ``loss_chunk_tokens``):
+        the [N, V] logits are never kept and the head's GEMM is not recomputed in the backward."""
         hf, lf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-        n = self.config.loss_chunk_tokens
-        if hf.shape[0] <= n:
-            return _ce_sum(self.lm_head(hf), lf)
-
-        def piece(hc, lc):
-            return _ce_sum(self.lm_head(hc), lc)
-
-        use_ckpt = torch.is_grad_enabled()
-        total = None
-        for s in range(0, hf.shape[0], n):
-            hc, lc = hf[s : s + n], lf[s : s + n]
-            part = checkpoint(piece, hc, lc, use_reentrant=False) if use_ckpt else piece(hc, lc)
-            total = part if total is None else total + part
-        return total
+        return linear_cross_entropy(hf, self.lm_head.weight, lf, ignore_index=IGNORE_INDEX,
+                                    chunk_tokens=self.config.loss_chunk_tokens)
 
     @staticmethod
     def _reduce_loss(local_sum, labels, group, P):

