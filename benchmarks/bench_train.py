@@ -5,9 +5,10 @@ one length: median step time (forward + backward + AdamW), tokens/GPU/s, MFU and
 LLaMA-style baseline has the same width, depth and head dim, softmax attention through torch SDPA
 (flash), rotary embeddings and a SwiGLU sized to the TNL block's parameter count.
 
-MFU counts 6 * (non-embedding parameters) FLOPs per token plus the attention's own FLOPs
-(TNL: intra-chunk products with chunk 64 and the state products; LLaMA: causal QK^T and PV), x4/3 when
-activations are recomputed, against a peak of ``--peak-tflops`` (989 dense bf16 for H100/H200 SXM).
+MFU is PaLM's: model FLOPs per token = 6 x the parameters used in matrix products (LM head included,
+embedding lookup not) plus the attention's own FLOPs (TNL: ``seqpar.models.flops``; LLaMA: causal QK^T and PV),
+recompute NOT counted; HFU adds the recomputed block forwards (with ``--ac 1``). Both against ``--peak-tflops``
+(989 dense bf16 for H100/H200 SXM). ``--compile`` compiles the LLaMA baseline's blocks the same way as TNL's.
 
 ``--longest`` instead doubles T at batch 1 (activation checkpointing on) until the GPU runs out of
 memory, to find the longest sequence one GPU trains.
@@ -33,12 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from llama_baseline import LlamaLM, attention_flops_per_token  # noqa: E402
 
 from seqpar.models import TNLConfig, TransNormerLLM  # noqa: E402
+from seqpar.models.flops import attention_flops_per_token as tnl_attention_flops  # noqa: E402
 
 
 def tnl_attention_flops_per_token(cfg: TNLConfig, chunk: int = 64) -> float:
-    D = cfg.head_dim
-    per_head = 2 * chunk * D / 2 * 2 + 2 * D * D * 2  # causal intra (QK^T, PV) + q S and k^T v state products
-    return 3 * cfg.n_layers * cfg.n_heads * per_head
+    return tnl_attention_flops(cfg, chunk)
 
 
 def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, offload: bool = False):
@@ -51,6 +51,9 @@ def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, off
         d, glu = cfg.d_model, cfg.glu_dim
         model = LlamaLM(cfg.vocab_size, d, cfg.n_layers, cfg.n_heads, hidden=glu + d // 3,
                         activation_checkpointing=ac)
+        if compile_blocks:  # the baseline compiled the same way
+            for blk in model.blocks:
+                blk.compile(dynamic=False)
     return model.cuda()
 
 
@@ -68,7 +71,7 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     torch.manual_seed(0)  # same initial weights for every row of one model (compare first losses)
     model = build(kind, cfg, ac, compile_blocks, offload)
     n_params = sum(p.numel() for p in model.parameters())
-    n_embed = cfg.vocab_size * cfg.d_model
+    n_embed = cfg.vocab_size * cfg.d_model  # the lookup; the (untied) LM head stays in the matmul count
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
@@ -92,12 +95,16 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     step = statistics.median(times)
     tps = B * T / step
     attn = tnl_attention_flops_per_token(cfg) if kind == "tnl" else attention_flops_per_token(cfg.n_layers, cfg.d_model, T)
-    flops_tok = (6 * (n_params - n_embed) + attn) * (4 / 3 if ac else 1)
+    n_matmul = n_params - n_embed
+    flops_tok = 6 * n_matmul + attn  # PaLM model FLOPs: no recompute
+    n_head = cfg.vocab_size * cfg.d_model
+    hfu_tok = flops_tok + ((2 * (n_matmul - n_head) + attn / 3) if ac else 0)  # + recomputed block forwards
     mfu = flops_tok * tps / (peak_tflops * 1e12)
+    hfu = hfu_tok * tps / (peak_tflops * 1e12)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, x, y, loss
     gc.collect()
-    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, peak_gib=peak, params=n_params, loss0=first_loss)
+    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, hfu=hfu, peak_gib=peak, params=n_params, loss0=first_loss)
 
 
 def main():
@@ -144,23 +151,25 @@ def main():
                 print(rows[-1], flush=True)
                 T *= 2
     else:
-        head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | peak GiB | loss, step 1 |\n"
-                 "|---|---|---|---|---|---|---|---|---|\n")
+        head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | HFU | peak GiB | loss, step 1 |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|\n")
         kinds = {"0": ["tnl"], "1": ["tnl+compile"], "both": ["tnl", "tnl+compile"]}[args.compile]
-        kinds += ["llama"] if args.baseline == "llama" else []
+        if args.baseline == "llama":
+            kinds += {"0": ["llama"], "1": ["llama+compile"], "both": ["llama", "llama+compile"]}[args.compile]
         for name in args.models.split(","):
             cfg = TNLConfig.preset(name)
             for T in [int(t) for t in args.lengths.split(",")]:
                 for kind in kinds:
                     label = {"tnl": "Lightning Attention-2 (seqpar)", "llama": "softmax, torch SDPA",
-                             "tnl+compile": "Lightning Attention-2 (seqpar), blocks compiled"}[kind]
+                             "tnl+compile": "Lightning Attention-2 (seqpar), blocks compiled",
+                             "llama+compile": "softmax, torch SDPA, blocks compiled"}[kind]
                     try:
                         r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, bool(args.ac),
                                     args.peak_tflops, compile_blocks=kind.endswith("compile"))
                         rows.append(f"| {name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
-                                    f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")
+                                    f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")
                     except torch.cuda.OutOfMemoryError:
-                        rows.append(f"| {name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | |")
+                        rows.append(f"| {name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | |")
                     finally:
                         gc.collect()
                         torch.cuda.empty_cache()

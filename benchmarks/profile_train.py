@@ -1,0 +1,196 @@
+"""Where a training step's time goes: per-category GPU time of one TransNormerLLM step (torch profiler).
+
+A bare loop (bf16 autocast, fused AdamW, the model's chunked loss) at batch B and length T. For every variant
+it measures the median step time, then profiles two steps and sums the GPU kernel time per category
+(GEMMs, lightning-attention kernels, loss + head row pass, copies, memsets/fills, compiled elementwise,
+other elementwise, optimizer, communication); host gaps = step time - GPU busy time. Variants:
+
+    ac      activation checkpointing of every block (recompute = its step time - the no-recompute one)
+    ce      ``fused`` (seqpar.kernels.linear_ce) or ``ckpt`` (the previous head: lm head + fp32 cross entropy per
+            chunk under torch.utils.checkpoint, recomputed in the backward)
+
+MFU counts PaLM's model FLOPs (seqpar.models.flops); HFU adds the recomputed block forwards.
+
+    python benchmarks/profile_train.py --models tnl-0.4b,tnl-1b --T 32768
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from seqpar.models import TNLConfig, TransNormerLLM
+from seqpar.models.flops import hardware_flops_per_token, model_flops_per_token
+
+CATEGORIES = [
+    ("lightning-attn", re.compile(r"^_(lb_walk|seg_state|scan|fwd_out|bwd_|la_|lightning)")),
+    ("loss + head row pass", re.compile(r"_ce_fwd_bwd|log_softmax|nll_loss|cross_entropy|softmax_backward")),
+    ("GEMM", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|wgmma|splitK", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|fused_adam|FusedAdam|adam", re.I)),
+    ("communication", re.compile(r"nccl", re.I)),
+    ("copies", re.compile(r"Memcpy|copy|CatArray|cat_", re.I)),
+    ("memsets / fills", re.compile(r"Memset|fill|zero", re.I)),
+    ("elementwise (compiled)", re.compile(r"^triton_")),
+]
+
+
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if pat.search(name):
+            return cat
+    return "other elementwise / reductions"
+
+
+def old_ce_sum(self, h, labels):
+    """The head before seqpar.kernels.linear_ce: lm head + fp32 CE per chunk, recomputed in the backward."""
+    hf, lf = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    n = self.config.loss_chunk_tokens
+
+    def piece(hc, lc):
+        logits = self.lm_head(hc).float()
+        return F.cross_entropy(logits, lc.long(), ignore_index=-100, reduction="sum")
+
+    total = None
+    for s in range(0, hf.shape[0], n):
+        part = torch.utils.checkpoint.checkpoint(piece, hf[s:s + n], lf[s:s + n], use_reentrant=False)
+        total = part if total is None else total + part
+    return total
+
+
+def step_fn(model, opt, x, y):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(x, labels=y, return_logits=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def run_variant(name, T, B, ac, ce, compile_blocks, steps, warmup):
+    cfg = TNLConfig.preset(name, activation_checkpointing=ac)
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = TransNormerLLM(cfg).cuda()
+    if ce == "ckpt":
+        model._chunked_ce_sum = old_ce_sum.__get__(model)
+    if compile_blocks:
+        model.compile_blocks()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
+    y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step_fn(model, opt, x, y)
+        torch.cuda.synchronize()
+        losses.append(loss.item())
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    cats = {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step_fn(model, opt, x, y)
+        torch.cuda.synchronize()
+    busy = 0.0
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = evt.time_range.elapsed_us()
+        cats[category(evt.name)] = cats.get(category(evt.name), 0.0) + us / 2e3  # ms per step
+        busy += us / 2e3
+    # optimizer alone (fused AdamW over the model's parameters), for the table
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        opt.step()
+    torch.cuda.synchronize()
+    opt_ms = (time.perf_counter() - t0) / 5 * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    tps = B * T / step
+    r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, busy_ms=busy, cats=cats,
+             mfu=model_flops_per_token(cfg) * tps / 989e12,
+             hfu=hardware_flops_per_token(cfg, "full" if ac else "none") * tps / 989e12,
+             peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1])
+    del model, opt, x, y
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tnl-0.4b,tnl-1b")
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--B", type=int, default=1)
+    ap.add_argument("--variants", default="ac1-ckpt,ac1-fused,ac0-ckpt,ac0-fused",
+                    help="comma list of ac{0,1}-{ckpt,fused}")
+    ap.add_argument("--compile", type=int, default=1, help="compile each block (1/0)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_train.py needs a CUDA GPU")
+    import triton
+
+    dev = torch.cuda.get_device_name()
+    results = []
+    for name in args.models.split(","):
+        for v in args.variants.split(","):
+            ac, ce = v.split("-")
+            try:
+                r = run_variant(name, args.T, args.B, ac == "ac1", ce, bool(args.compile), args.steps, args.warmup)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{name} {v}: OOM", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            results.append(r)
+            print(f"{name} {v}: step {r['step_ms']:.1f} ms, {r['tps']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
+                  f"HFU {100 * r['hfu']:.1f}%, busy {r['busy_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB, "
+                  f"loss {r['loss_last']:.4f}", flush=True)
+    cats = [c for c, _ in CATEGORIES] + ["other elementwise / reductions"]
+    lines = [
+        f"# Where a training step's time goes (B{args.B} T{args.T}, compiled blocks={bool(args.compile)})", "",
+        f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; date {datetime.date.today()}; "
+        f"bf16 autocast, fused AdamW; command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
+        "GPU ms per step by kernel category (torch profiler, mean of 2 steps); host gaps = step - GPU busy; "
+        "optimizer (alone) = fused AdamW step timed separately; MFU = PaLM model FLOPs, HFU = + recompute, "
+        "against 989 TFLOP/s.", "",
+        "| model | recompute | head | step ms | tokens/s | MFU | HFU | peak GiB | " + " | ".join(cats)
+        + " | GPU busy | host gaps | optimizer (alone) | loss, last step |",
+        "|" + "---|" * (12 + len(cats)),
+    ]
+    for r in results:
+        cells = [f"{r['cats'].get(c, 0.0):.1f}" for c in cats]
+        lines.append(
+            f"| {r['model']} | {'full' if r['ac'] else 'none'} | {r['ce']} | {r['step_ms']:.1f} | {r['tps']:.0f} | "
+            f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | " + " | ".join(cells)
+            + f" | {r['busy_ms']:.1f} | {r['step_ms'] - r['busy_ms']:.1f} | {r['opt_ms']:.1f} | {r['loss_last']:.4f} |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"profile_train_{dev.replace(' ', '_')}_T{args.T}.md")
+    with open(path, "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
