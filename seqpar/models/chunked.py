@@ -271,7 +271,10 @@ class _ChunkedLM(torch.autograd.Function):
                 del outs, gouts
             for j, gp in enumerate(g[: len(params)]):
                 if gp is not None:
-                    acc[j] = gp if acc[j] is None else acc[j] + gp
+                    if acc[j] is None:
+                        acc[j] = gp.contiguous()  # owned, dense: the later chunks add in place
+                    else:
+                        acc[j].add_(gp)
             dS = list(g[len(params):]) if want_dS_in else [None] * L
             if c == 0 and want_dS_in:
                 d_init = dS
@@ -283,6 +286,14 @@ def _check_cu(cu_seqlens, initial_states, output_final_states):
     if cu_seqlens is not None and (initial_states is not None or output_final_states):
         raise ValueError("TNLConfig.seq_chunk with cu_seqlens does not take initial_states or "
                          "output_final_states (per-document states); pass one of them only")
+
+
+def _has_dtensor(params) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in params)
 
 
 def chunked_forward(model, input_ids, labels=None, cu_seqlens=None, initial_states=None,
@@ -310,6 +321,11 @@ def chunked_forward(model, input_ids, labels=None, cu_seqlens=None, initial_stat
     want_logits = bool(return_logits) or labels is None
     count = (labels != IGNORE_INDEX).sum() if labels is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
+    if _has_dtensor(params):
+        raise ValueError(
+            "TNLConfig.seq_chunk does not support FSDP / DTensor parameters: the chunked backward returns the "
+            "gradients of the model's parameters itself, FSDP's unsharded copies would get none; use seq_chunk=None"
+        )
     init = list(initial_states) if initial_states is not None else None
     needs_grad = torch.is_grad_enabled() and (bool(params) or (init is not None and any(t.requires_grad for t in init)))
     ckpt = model.config.activation_checkpointing and model.training

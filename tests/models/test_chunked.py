@@ -372,3 +372,21 @@ def test_train_py_override_reaches_the_model_and_trains(tmp_path, monkeypatch):
     # to a small fraction of one step (a gradient error would show as a difference of order lr)
     for (n, a), (_, b) in zip(m_chunk.named_parameters(), m_whole.named_parameters()):
         assert (a - b).abs().max() <= 1e-2 * 1e-3, n
+
+
+def test_dtensor_parameters_are_rejected():
+    """FSDP's DTensor parameters: the chunked backward could not hand them their gradients -> clear error."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        model = _model(32)
+        mesh = init_device_mesh("cpu", (1,))
+        w = model.lm_head.weight
+        model.lm_head.weight = torch.nn.Parameter(distribute_tensor(w.detach(), mesh, [Replicate()]))
+        ids = torch.randint(0, 256, (1, 100))
+        with pytest.raises(ValueError, match="seq_chunk does not support FSDP / DTensor parameters"):
+            model(ids, labels=ids)
+    finally:
+        dist.destroy_process_group()
