@@ -390,3 +390,47 @@ def test_dtensor_parameters_are_rejected():
             model(ids, labels=ids)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ GPU (Triton)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_chunked_equals_whole_on_gpu_triton():
+    """The Triton kernels with initial/final states and per-chunk cu_seqlens, fp32 and bf16 autocast."""
+    ids, labels = _batch()
+    cu = torch.tensor([0, 150, 384, 700, 701, T], dtype=torch.int32, device="cuda")
+    ids, labels = ids.cuda(), labels.cuda()
+    for autocast, rtol in ((False, 1e-4), (True, 2e-2)):
+        res = []
+        for C in (None, 192):
+            model = _model(C, learnable_slopes=True).cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = model(ids, labels=labels, cu_seqlens=cu, return_logits=False)
+            out.loss.backward()
+            res.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        _assert_close(res[1][0], res[0][0], rtol, "loss")
+        _assert_grads(res[1][1], res[0][1], rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_chunked_peak_gpu_memory_is_flat_in_T():
+    torch.manual_seed(0)
+
+    def peak(C, T):
+        model = TransNormerLLM(TNLConfig.preset("tiny", d_model=256, n_heads=4, glu_dim=512, n_layers=4,
+                                                seq_chunk=C)).cuda()
+        ids = torch.randint(0, 256, (1, T), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, labels=ids, return_logits=False)
+        out.loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    C, T1, T2 = 2048, 8192, 65536
+    chunk_growth = peak(C, T2) - peak(C, T1)
+    whole_growth = peak(None, T2) - peak(None, T1)
+    assert chunk_growth < 0.1 * whole_growth, (chunk_growth, whole_growth)
