@@ -58,7 +58,8 @@ class TNLConfig:
             use_reentrant=False), active in training mode only.
         activation_offload: with activation_checkpointing, keep each block's saved input (the fp32
             residual stream, 4 * d_model bytes per token and layer) in host memory, pinned, instead of on
-            the GPU; it is copied back when the block is recomputed. For the longest sequences.
+            the GPU; it is copied back when the block is recomputed. Host memory: n_layers * B * T *
+            d_model * itemsize, checked up front (:mod:`seqpar.models.offload`, ``HostMemoryError``).
         init_std: std of the normal init of all weights.
         scaled_init: divide the std of the residual output projections by sqrt(2 n_layers).
         max_seq_len: nominal training context (informational: the model has no position embedding
