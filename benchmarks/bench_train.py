@@ -17,6 +17,11 @@ Run on a GPU (the numbers in benchmarks/results/train_*.md come from this comman
     python benchmarks/bench_train.py --models tnl-0.4b,tnl-1b --lengths 2048,4096,8192,16384,32768,65536,131072
     python benchmarks/bench_train.py --longest --models tnl-0.4b
     python benchmarks/bench_train.py --longest --offload --models tnl-0.4b --max-tokens 1048576
+    python benchmarks/bench_train.py --longest --seq-chunk 65536 --models tnl-0.4b,tnl-1b --start-tokens 1048576
+
+``--longest --seq-chunk C`` trains with ``TNLConfig.seq_chunk = C`` (exact chunked forward/backward, activation
+memory of C tokens; ``--ac`` then checkpoints the blocks inside each chunk's recompute): first a reference row at
+32K tokens without chunking, then T doubles from ``--start-tokens``; the table has tokens, peak memory, tokens/s.
 """
 from __future__ import annotations
 
@@ -41,9 +46,11 @@ def tnl_attention_flops_per_token(cfg: TNLConfig, chunk: int = 64) -> float:
     return tnl_attention_flops(cfg, chunk)
 
 
-def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, offload: bool = False):
+def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, offload: bool = False,
+          seq_chunk=None):
     if kind == "tnl":
-        cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac, "activation_offload": offload})
+        cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac, "activation_offload": offload,
+                                   "seq_chunk": seq_chunk})
         model = TransNormerLLM(cfg)
         if compile_blocks:  # torch.compile per block, one static graph per run (a fixed length, as in training)
             model.compile_blocks()
@@ -63,13 +70,14 @@ def loss_of(kind, model, x, y):
     return model(x, y)
 
 
-def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks=False, offload=False):
+def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks=False, offload=False,
+            seq_chunk=None):
     B = max(1, tokens // T)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()  # each row compiles afresh (no dynamic-shape graphs from earlier rows)
     torch.manual_seed(0)  # same initial weights for every row of one model (compare first losses)
-    model = build(kind, cfg, ac, compile_blocks, offload)
+    model = build(kind, cfg, ac, compile_blocks, offload, seq_chunk)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = cfg.vocab_size * cfg.d_model  # the lookup; the (untied) LM head stays in the matmul count
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -121,6 +129,8 @@ def main():
     ap.add_argument("--compile", default="0", choices=["0", "1", "both"], help="TNL blocks under torch.compile: 0, 1, or 'both' (eager and compiled rows)")
     ap.add_argument("--max-tokens", type=int, default=1 << 23)
     ap.add_argument("--offload", action="store_true", help="--longest with activation_offload (block inputs in host memory)")
+    ap.add_argument("--seq-chunk", type=int, default=None, help="--longest with TNLConfig.seq_chunk = C tokens")
+    ap.add_argument("--start-tokens", type=int, default=1 << 17, help="--longest: first T (doubled until OOM)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -130,11 +140,36 @@ def main():
             f"date {datetime.date.today()}; bf16 autocast, fused AdamW; command: `python benchmarks/bench_train.py "
             f"{' '.join(sys.argv[1:])}`\n\n")
     rows = []
-    if args.longest:
+    if args.longest and args.seq_chunk:
+        head += ("| model | T (B=1) | seq_chunk | block ckpt | step ms | tokens/s | vs 32K unchunked | peak GiB |\n"
+                 "|---|---|---|---|---|---|---|---|\n")
+        for name in args.models.split(","):
+            cfg = TNLConfig.preset(name)
+            ref = run_one("tnl", cfg, 32768, 32768, steps=3, warmup=1, ac=True, peak_tflops=args.peak_tflops)
+            rows.append(f"| {name} | 32768 | none | yes | {ref['step_ms']:.0f} | {ref['tps']:.0f} | 1.00 | "
+                        f"{ref['peak_gib']:.1f} |")
+            print(rows[-1], flush=True)
+            T = args.start_tokens
+            while T <= args.max_tokens:
+                try:
+                    r = run_one("tnl", cfg, T, T, steps=1, warmup=1, ac=bool(args.ac), peak_tflops=args.peak_tflops,
+                                seq_chunk=args.seq_chunk)
+                    rows.append(f"| {name} | {T} | {args.seq_chunk} | {'yes' if args.ac else 'no'} | {r['step_ms']:.0f} | "
+                                f"{r['tps']:.0f} | {r['tps'] / ref['tps']:.2f} | {r['peak_gib']:.1f} |")
+                except torch.cuda.OutOfMemoryError as e:
+                    rows.append(f"| {name} | {T} | {args.seq_chunk} | {'yes' if args.ac else 'no'} | OOM ({type(e).__name__}) | | | |")
+                    print(rows[-1], flush=True)
+                    break
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                print(rows[-1], flush=True)
+                T *= 2
+    elif args.longest:
         head += "| model | T (B=1) | step ms | tokens/s | peak GiB |\n|---|---|---|---|---|\n"
         for name in args.models.split(","):
             cfg = TNLConfig.preset(name)
-            T = 1 << 17
+            T = args.start_tokens
             while T <= args.max_tokens:
                 try:
                     r = run_one("tnl", cfg, T, T, steps=1, warmup=1, ac=True, peak_tflops=args.peak_tflops,
@@ -177,6 +212,8 @@ def main():
     table = head + "\n".join(rows) + "\n"
     os.makedirs(args.out, exist_ok=True)
     tag = ("longest_offload" if args.offload else "longest") if args.longest else "throughput"
+    if args.longest and args.seq_chunk:
+        tag = f"longest_chunk{args.seq_chunk}_ac{int(bool(args.ac))}"
     path = os.path.join(args.out, f"train_{tag}_{dev.replace(' ', '_')}.md")
     with open(path, "w") as f:
         f.write(table)

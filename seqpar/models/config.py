@@ -58,7 +58,8 @@ class TNLConfig:
             use_reentrant=False), active in training mode only.
         activation_offload: with activation_checkpointing, keep each block's saved input (the fp32
             residual stream, 4 * d_model bytes per token and layer) in host memory, pinned, instead of on
-            the GPU; it is copied back when the block is recomputed. For the longest sequences.
+            the GPU; it is copied back when the block is recomputed. Host memory: n_layers * B * T *
+            d_model * itemsize, checked up front (:mod:`seqpar.models.offload`, ``HostMemoryError``).
         init_std: std of the normal init of all weights.
         scaled_init: divide the std of the residual output projections by sqrt(2 n_layers).
         max_seq_len: nominal training context (informational: the model has no position embedding
@@ -66,6 +67,12 @@ class TNLConfig:
         loss_chunk_tokens: tokens per chunk of the lm head + cross entropy when the forward is asked
             for the loss without the logits (``return_logits=False``, as LitLM does): the [B, T, V]
             logits are never materialised.
+        seq_chunk: tokens per chunk of the exact sequence-chunked forward/backward (``None``: the whole
+            sequence at once). The chunks run in order through all layers, each layer starting from the
+            state the previous chunk left; training keeps only the per-layer states at chunk boundaries
+            and recomputes each chunk in the backward (:mod:`seqpar.models.chunked`): activation memory
+            is that of C tokens for any T, and the loss and gradients equal the whole-sequence ones.
+            Inference (validation, generation's prefill) runs the same chunks. Not with SP > 1.
         sp_mode: how sequence-parallel attention exchanges states: "allgather" or "ring".
         attn_backend: backend of the operator (None: triton on CUDA, torch on CPU).
     """
@@ -91,6 +98,7 @@ class TNLConfig:
     scaled_init: bool = True
     max_seq_len: int = 2048
     loss_chunk_tokens: int = 8192
+    seq_chunk: Optional[int] = None
     sp_mode: str = "allgather"
     attn_backend: Optional[str] = None
 
@@ -99,6 +107,8 @@ class TNLConfig:
             v = getattr(self, name)
             if not _is_int(v) or v <= 0:
                 raise ValueError(f"TNLConfig.{name} must be a positive int, got {v!r}")
+        if self.seq_chunk is not None and (not _is_int(self.seq_chunk) or self.seq_chunk <= 0):
+            raise ValueError(f"TNLConfig.seq_chunk must be a positive int (tokens per chunk) or None, got {self.seq_chunk!r}")
         if self.head_dim is None:
             if self.d_model % self.n_heads != 0:
                 raise ValueError(

@@ -96,8 +96,11 @@ class SimpleRMSNorm(nn.Module):
 
 
 def _offload_saved():
-    """Saved-tensor hooks that keep saved tensors in (pinned, when CUDA is present) host memory."""
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+    """Saved-tensor hooks that keep saved tensors in (pinned, when CUDA is present) host memory, counted
+    (:func:`seqpar.models.offload.host_offload_stats`)."""
+    from .offload import save_on_host
+
+    return save_on_host(pin_memory=torch.cuda.is_available())
 
 
 def _sp_size(group) -> int:
@@ -409,6 +412,13 @@ class TransNormerLLM(nn.Module):
             group = None
         if initial_states is not None and len(initial_states) != len(self.layers):
             raise ValueError(f"initial_states must hold one state per layer ({len(self.layers)}), got {len(initial_states)}")
+        if self.config.seq_chunk is not None:  # exact sequence-chunked path; None when T <= seq_chunk
+            from .chunked import chunked_forward
+
+            out = chunked_forward(self, input_ids, labels, cu_seqlens, initial_states, output_final_states,
+                                  return_logits, sp_size=P)
+            if out is not None:
+                return out
 
         x = self.embed(input_ids)
         ckpt = (
@@ -418,6 +428,10 @@ class TransNormerLLM(nn.Module):
             and initial_states is None
             and not output_final_states
         )
+        if ckpt and self.config.activation_offload:  # a clear error instead of a process killed mid-forward
+            from .offload import check_offload_fits
+
+            check_offload_fits(self.config, x.shape[0], x.shape[1], x.dtype)
         final_states = [] if output_final_states else None
         for i, layer in enumerate(self.layers):
             h0 = initial_states[i] if initial_states is not None else None
@@ -538,9 +552,14 @@ class TransNormerLLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self(prompt_ids, output_final_states=True, use_sp=False)
-            states = out.final_states
-            logits = out.logits[:, -1]
+            if self.config.seq_chunk is not None:  # bounded memory for any prompt length
+                from .chunked import chunked_prefill
+
+                logits, states = chunked_prefill(self, prompt_ids)
+            else:
+                out = self(prompt_ids, output_final_states=True, use_sp=False)
+                states = out.final_states
+                logits = out.logits[:, -1]
             ids, all_logits = [prompt_ids], []
             for i in range(max_new_tokens):
                 all_logits.append(logits)
