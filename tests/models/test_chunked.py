@@ -155,9 +155,7 @@ def _eager_chunk_loop(model, ids, labels, C):
             x, ht = layer(x, initial_state=h0, output_final_state=True)
             new.append(ht)
         S = new
-        logits = model.lm_head(model.final_norm(x)).float()
-        total = total + F.cross_entropy(logits.reshape(-1, 256), labels[:, s:s + C].reshape(-1),
-                                        ignore_index=-100, reduction="sum")
+        total = total + model._chunked_ce_sum(model.final_norm(x), labels[:, s:s + C])  # the model's own head
     return total / (labels != -100).sum()
 
 

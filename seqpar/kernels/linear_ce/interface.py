@@ -45,9 +45,10 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, ignore_index, chunk_tokens, backend, cdtype):
+    def forward(ctx, h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, grad_enabled):
         N, d = h.shape
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # no gradient GEMMs under no_grad (needs_input_grad only reflects requires_grad)
+        need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[0]), (grad_enabled and ctx.needs_input_grad[1])
         w = weight.to(cdtype)
         acc = torch.float64 if cdtype == torch.float64 else torch.float32
         total = torch.zeros((), dtype=acc, device=h.device)
@@ -79,7 +80,7 @@ class _LinearCE(torch.autograd.Function):
         dh, dw = ctx.saved_tensors
         gh = (dh * g.to(dh.dtype)) if dh is not None else None
         gw = (dw * g.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -111,4 +112,5 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if h.device != weight.device or h.device != labels.device:
         raise ValueError(f"h, weight and labels must be on one device, got {h.device}, {weight.device}, {labels.device}")
     cdtype = _compute_dtype(h, weight)
-    return _LinearCE.apply(h, weight, labels.contiguous(), int(ignore_index), chunk_tokens, backend, cdtype)
+    return _LinearCE.apply(h, weight, labels.contiguous(), int(ignore_index), chunk_tokens, backend, cdtype,
+                          torch.is_grad_enabled())
