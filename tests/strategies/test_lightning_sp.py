@@ -114,7 +114,7 @@ def test_trainer_layout_and_errors():
     t = pl.Trainer(strategy=LightningSPStrategy(sp_size=2), accelerator="cpu", devices=4, logger=False)
     assert (t.strategy.sp_size, t.strategy.dp_size, t.strategy.distributed_sampler_kwargs) == (
         2, 2, {"num_replicas": 2, "rank": 0})
-    with pytest.raises(ValueError, match="sp_size=3 must divide the world size 4"):
+    with pytest.raises(ValueError, match=r"lightning_sp: sp=3 must divide the world size 4 \(choose among \[1, 2, 4\]\)"):
         pl.Trainer(strategy=LightningSPStrategy(sp_size=3), accelerator="cpu", devices=4, logger=False)
     with pytest.raises(ValueError, match="sp_mode"):
         LightningSPStrategy(sp_mode="tree")
