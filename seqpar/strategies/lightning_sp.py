@@ -323,6 +323,8 @@ def _make_strategy_class(pl_module_name: str):
             # DDP wrapping and before setup_optimizers, so the optimizer sees the sharded parameters.
             parallelize(module, self._dims, sp_mode=self.sp_mode, fsdp=self.fsdp,
                         **(self._fsdp_dtypes() if self.fsdp else {}))
+            if self.fsdp:  # sharded from identical initial values: DDP's start-up broadcast (validate / test) skips them
+                module._ddp_params_and_buffers_to_ignore = [n for n, _ in module.named_parameters()]
             self._parallelized = (id(module), self._mesh_key)
 
         def configure_ddp(self) -> None:
