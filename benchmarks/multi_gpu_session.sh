@@ -45,3 +45,25 @@ for offload in false true; do
     fi
   done
 done
+if (( P >= 8 )); then
+  echo "== FSDP2 (issue 16): memory plan, then tnl-15b with fsdp at SP 8 (parameters sharded over all 8 GPUs)"
+  python3 benchmarks/memory_plan.py --models tnl-15b --worlds 8 --tokens 32768
+  torchrun --nproc_per_node 8 train.py --config configs/tnl-15b.yaml parallel.sp=8 parallel.fsdp=true \
+    data.seq_len=262144 model.overrides.activation_checkpointing=true trainer.max_steps=10 trainer.log_every=1 \
+    trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/tnl15b_fsdp_sp8 2>&1 | tail -2
+  tail -3 /tmp/tnl15b_fsdp_sp8/logs/version_0/metrics.csv
+  echo "== FSDP2 weak scaling: tnl-3b, 32K tokens per GPU, fsdp on, P = 1, 2, 4, 8 (dp 1 x sp P)"
+  for p in 1 2 4 8; do
+    torchrun --nproc_per_node "$p" train.py --config configs/tnl-3b.yaml parallel.sp="$p" parallel.fsdp=true \
+      data.seq_len=$((32768 * p)) trainer.max_steps=20 trainer.log_every=1 trainer.val_check_interval=null \
+      trainer.ckpt_every=0 trainer.out_dir=/tmp/tnl3b_fsdp_p$p 2>&1 | tail -1
+    tail -1 /tmp/tnl3b_fsdp_p$p/logs/version_0/metrics.csv
+  done
+  echo "== FSDP2 dp 2 x sp 4 vs DDP at the same layout (tnl-1b)"
+  for f in false true; do
+    torchrun --nproc_per_node 8 train.py --config configs/tnl-1b.yaml parallel.sp=4 parallel.fsdp=$f \
+      trainer.max_steps=30 trainer.log_every=1 trainer.val_check_interval=null trainer.ckpt_every=0 \
+      trainer.out_dir=/tmp/tnl1b_sp4_fsdp_$f 2>&1 | tail -1
+    tail -1 /tmp/tnl1b_sp4_fsdp_$f/logs/version_0/metrics.csv
+  done
+fi

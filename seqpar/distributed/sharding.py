@@ -1,12 +1,34 @@
 """Split a sequence into contiguous per-rank shards and gather it back."""
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.distributed as dist
 
 from . import comm
 
-__all__ = ["shard_sequence", "gather_sequence"]
+__all__ = ["shard_bounds", "shard_sequence", "gather_sequence"]
+
+
+def shard_bounds(T: int, rank: int, size: int, dim: int = 1) -> Tuple[int, int]:
+    """``[lo, hi)`` of shard ``rank`` of ``size`` contiguous equal shards of a length-``T`` sequence.
+
+    The one slicing rule of sequence parallelism (rank r holds tokens ``[r*L, (r+1)*L)``, ``L = T // size``),
+    used by :func:`shard_sequence` and the Lightning strategy's ``shard_batch``.
+    Raises ValueError when ``T`` is not divisible by ``size`` (pad it first).
+    """
+    if T % size:
+        Tp = -(-T // size) * size
+        raise ValueError(
+            f"sequence length T={T} is not divisible by sp_size={size} (dim {dim}): pad it to a multiple of "
+            f"{size}, e.g. T={Tp}, padding labels with -100 (or add a padding document to cu_seqlens), or choose "
+            f"a seq_len divisible by {size}"
+        )
+    if not 0 <= rank < size:
+        raise ValueError(f"rank must be in [0, {size}), got {rank}")
+    L = T // size
+    return rank * L, (rank + 1) * L
 
 
 def shard_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
@@ -21,16 +43,8 @@ def shard_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim {dim} out of range for a tensor of shape {tuple(x.shape)}")
-    T = x.shape[dim]
-    if T % P:
-        Tp = -(-T // P) * P
-        raise ValueError(
-            f"sequence length {T} (dim {dim}) is not divisible by the sequence-parallel size {P}: pad it to "
-            f"{Tp} (add {Tp - T} tokens, e.g. a padding document with cu_seqlens, or masked tokens ignored "
-            f"by the loss) before sharding"
-        )
-    L = T // P
-    return x.narrow(dim, r * L, L).contiguous()
+    lo, hi = shard_bounds(x.shape[dim], r, P, dim)
+    return x.narrow(dim, lo, hi - lo).contiguous()
 
 
 class _GatherSeq(torch.autograd.Function):

@@ -58,9 +58,9 @@ class LitLM(pl.LightningModule):
             (or the estimated number of optimizer steps).
         min_lr_ratio: final LR / peak LR of the cosine schedule.
 
-    SP: in ``setup`` (and at fit / validation start) the model takes ``trainer.strategy.sp_group`` (or the
-    "sp" dim of ``trainer.strategy.device_mesh``) and ``trainer.strategy.sp_mode`` when the strategy has them;
-    plain strategies leave the model single-process.
+    SP / FSDP: the module holds no parallel plumbing. ``strategy="lightning_sp"`` runs the model through
+    ``seqpar.distributed.parallelize`` (which gives every attention layer its SP context, and shards with
+    FSDP2 when ``fsdp=True``); plain strategies leave the model single-process.
 
     Batch: dict with ``"input_ids"`` [B, T] and ``"labels"`` [B, T] (already shifted; -100 ignored),
     optional ``"cu_seqlens"`` (B == 1). Under SP the strategy has already sliced T to the rank's shard.
@@ -106,32 +106,6 @@ class LitLM(pl.LightningModule):
         )
         self.model = TransNormerLLM(config)
         self._last_step_time: Optional[float] = None
-
-    # -- SP wiring
-    def _attach_sp_group(self) -> None:
-        trainer = self._trainer
-        if trainer is None:
-            return
-        strategy = trainer.strategy
-        group = getattr(strategy, "sp_group", None)
-        if group is None:
-            mesh = getattr(strategy, "device_mesh", None)
-            names = getattr(mesh, "mesh_dim_names", None) or ()
-            if mesh is not None and "sp" in names:
-                group = mesh["sp"].get_group()
-        self.model.sp_group = group
-        mode = getattr(strategy, "sp_mode", None)
-        if mode is not None:  # the strategy's choice ("exposed for the model") overrides config.sp_mode
-            self.model.sp_mode = mode
-
-    def setup(self, stage: str) -> None:
-        self._attach_sp_group()
-
-    def on_fit_start(self) -> None:
-        self._attach_sp_group()
-
-    def on_validation_start(self) -> None:
-        self._attach_sp_group()
 
     def _sp_size(self) -> int:
         g = self.model.sp_group

@@ -12,11 +12,12 @@ Block (pre-norm, as TransNormerLLM, Qin et al. 2023):
 Projections are reshaped [B, T, H*D] -> [B, T, H, D] by a view (the operator's layout, no transpose).
 Slopes are ALiBi-style per head, scaled per layer ``s_h * (1 - l/(L-1) + 1e-5)`` (layer 0 decays most).
 
-Sequence parallelism: ``TransNormerLLM(config, sp_group=group)`` or ``model.sp_group = group`` (the
-Lightning strategy creates the group after the model); ``model.sp_mode`` ("allgather" | "ring", default
-``config.sp_mode``) picks the state exchange. With a group of size > 1 the attention of every
-layer runs ``seqpar.distributed.sp_lightning_attn`` and the inputs are the rank's contiguous shard of T;
-the loss contract is described in :meth:`TransNormerLLM.forward`.
+Sequence parallelism: every attention layer holds its SP context (``sp_group``, ``sp_mode``), set by
+``seqpar.distributed.parallelize(model, dims, sp_mode=...)`` (the Lightning strategy does it), by
+``TransNormerLLM(config, sp_group=group)`` or by ``model.sp_group = group`` / ``model.sp_mode = mode`` (all
+through ``seqpar.distributed.set_sp_context``). With a group of size > 1 the attention of every layer runs
+``seqpar.distributed.sp_lightning_attn`` and the inputs are the rank's contiguous shard of T; the loss
+contract is described in :meth:`TransNormerLLM.forward`.
 """
 from __future__ import annotations
 
@@ -135,6 +136,16 @@ class GatedLinearAttention(nn.Module):
             self.log_slopes = nn.Parameter(init.log())
         else:
             self.register_buffer("slopes_buf", init, persistent=False)
+        self._sp_group, self._sp_mode = None, config.sp_mode  # SP context, set by set_sp_context
+
+    @property
+    def sp_group(self):
+        """SP process group of this layer (None: no SP); set by ``seqpar.distributed.set_sp_context``."""
+        return self._sp_group
+
+    @property
+    def sp_mode(self) -> str:
+        return self._sp_mode
 
     # The slopes stay fp32 even after model.to(bfloat16) (a buffer would otherwise be rounded).
     def _apply(self, fn, recurse=True):
@@ -162,17 +173,17 @@ class GatedLinearAttention(nn.Module):
         o = o.reshape(o.shape[:-2] + (-1,))
         return self.o_proj(self.norm(o).to(u.dtype) * u)
 
-    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False,
-                sp_mode=None):
+    def forward(self, x, cu_seqlens=None, initial_state=None, output_final_state=False, use_sp=True):
         q, k, v, u = self._qkvu(x)
         slopes = self.slopes
+        sp_group = self._sp_group if use_sp else None
         if _sp_size(sp_group) > 1:
             if initial_state is not None or output_final_state:
                 raise ValueError("initial/final states are not supported under sequence parallelism")
             from ..distributed import sp_lightning_attn  # lazy: the SP layer is optional at import time
 
             o = sp_lightning_attn(
-                q, k, v, slopes, group=sp_group, scale=self.scale, mode=sp_mode or self.config.sp_mode,
+                q, k, v, slopes, group=sp_group, scale=self.scale, mode=self._sp_mode,
                 cu_seqlens=cu_seqlens, backend=self.config.attn_backend,
             )
             ht = None
@@ -217,11 +228,10 @@ class TNLBlock(nn.Module):
         self.channel_mixer = SGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cu_seqlens=None, sp_group=None, initial_state=None, output_final_state=False,
-                sp_mode=None):
+    def forward(self, x, cu_seqlens=None, initial_state=None, output_final_state=False, use_sp=True):
         a, ht = self.token_mixer(
-            self.token_norm(x), cu_seqlens=cu_seqlens, sp_group=sp_group,
-            initial_state=initial_state, output_final_state=output_final_state, sp_mode=sp_mode,
+            self.token_norm(x), cu_seqlens=cu_seqlens, initial_state=initial_state,
+            output_final_state=output_final_state, use_sp=use_sp,
         )
         x = x + self.dropout(a)
         x = x + self.dropout(self.channel_mixer(self.channel_norm(x)))
@@ -268,8 +278,7 @@ class TransNormerLLM(nn.Module):
         if not isinstance(config, TNLConfig):
             raise TypeError(f"config must be a TNLConfig, got {type(config).__name__}")
         self.config = config
-        self.sp_group = sp_group  # settable: the Lightning strategy creates the group after the model
-        self.sp_mode = sp_mode if sp_mode is not None else config.sp_mode
+        self._sp_group, self._sp_mode = None, config.sp_mode
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(TNLBlock(config, i) for i in range(config.n_layers))
         self.final_norm = SimpleRMSNorm(config.norm_eps)
@@ -277,6 +286,22 @@ class TransNormerLLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+        if sp_group is not None or sp_mode is not None:
+            self._set_sp(sp_group, sp_mode if sp_mode is not None else config.sp_mode)
+
+    def _set_sp(self, group, mode) -> None:
+        from ..distributed.parallelize import set_sp_context  # the one code path (parallelize uses it too)
+
+        set_sp_context(self, group, mode)
+
+    @property
+    def sp_group(self):
+        """SP process group of every attention layer (None: no SP)."""
+        return self._sp_group
+
+    @sp_group.setter
+    def sp_group(self, group) -> None:
+        self._set_sp(group, self._sp_mode)
 
     @property
     def sp_mode(self) -> str:
@@ -285,9 +310,7 @@ class TransNormerLLM(nn.Module):
 
     @sp_mode.setter
     def sp_mode(self, mode: str) -> None:
-        if mode not in ("allgather", "ring"):
-            raise ValueError(f"sp_mode must be 'allgather' or 'ring', got {mode!r}")
-        self._sp_mode = mode
+        self._set_sp(self._sp_group, mode)
 
     def compile_blocks(self, **compile_kwargs) -> "TransNormerLLM":
         """``torch.compile`` each block in place (torchtitan style; parameter names unchanged).
@@ -394,7 +417,7 @@ class TransNormerLLM(nn.Module):
             return_logits: False does not return the logits; with labels the loss is then computed in
                 chunks of ``config.loss_chunk_tokens`` tokens (lm head + cross entropy recomputed per chunk
                 in the backward), so the [B, T, V] logits are never materialised.
-            use_sp: False ignores ``self.sp_group`` (every rank then holds whole sequences).
+            use_sp: False ignores the SP context (every rank then holds whole sequences).
 
         Loss contract: ``loss`` is the mean cross entropy over all valid (non -100) tokens of the SP
         group's batch, the same value on every rank of the group (= the SP=1 loss of the whole
@@ -439,10 +462,10 @@ class TransNormerLLM(nn.Module):
                 # the checkpoint saves its inputs under the saved-tensor hooks active here (its own hooks only
                 # cover the block's internals): with activation_offload those hooks move them to host memory
                 with _offload_saved() if self.config.activation_offload else contextlib.nullcontext():
-                    x, ht = checkpoint(layer, x, cu_seqlens, group, None, False, self.sp_mode, use_reentrant=False)
+                    x, ht = checkpoint(layer, x, cu_seqlens, None, False, use_sp, use_reentrant=False)
             else:
-                x, ht = layer(x, cu_seqlens=cu_seqlens, sp_group=group, initial_state=h0,
-                              output_final_state=output_final_states, sp_mode=self.sp_mode)
+                x, ht = layer(x, cu_seqlens=cu_seqlens, initial_state=h0,
+                              output_final_state=output_final_states, use_sp=use_sp)
             if final_states is not None:
                 final_states.append(ht)
         h = self.final_norm(x)

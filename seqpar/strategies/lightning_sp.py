@@ -7,18 +7,26 @@ The world of ``W`` ranks is laid out as a 2-D :class:`~torch.distributed.device_
   ranks of one group read the same samples; :meth:`batch_to_device` then keeps this rank's contiguous
   shard of every ``[B, T, ...]`` tensor (``T`` sliced *before* the host-to-device copy), leaving
   ``cu_seqlens`` global.
-* Gradients: parameters are replicated, and the model's per-rank backward loss is the token mean of its
-  shard scaled to the SP group's token count (see ``TransNormerLLM._loss``), so DDP's average over the whole
-  world gives exactly the gradient of the global-batch mean loss. This is why the strategy is a
-  ``DDPStrategy`` (Lightning also keys sampler injection and ``sync_dist`` on that class).
-* Checkpoints: plain (replicated) state dicts written by rank 0, restorable under any dp x sp layout, written
-  atomically (``AtomicCheckpointIO``: temporary file in the same directory, fsync, ``os.replace``).
+* Layout: :class:`seqpar.distributed.ParallelDims` owns sizes, checks, meshes, groups and coordinates; the
+  model goes through :func:`seqpar.distributed.parallelize` (SP context on every attention layer, and FSDP2
+  ``fully_shard`` over the flattened dp x sp mesh with ``fsdp=True``) once it is on its device, before the
+  optimizer is built.
+* Gradients: the model's per-rank backward loss is ``P * local_sum / global_count`` (see
+  ``TransNormerLLM.forward``), so an average over the whole dp x sp world gives exactly the gradient of the
+  global-batch mean loss. ``fsdp=False``: parameters replicated, DDP averages; ``fsdp=True``: no DDP wrapper,
+  FSDP2's reduce-scatter averages (gradient clipping works on the DTensor gradients). The strategy stays a
+  ``DDPStrategy`` (Lightning keys sampler injection and ``sync_dist`` on that class).
+* Checkpoints: one replicated Lightning ``.ckpt`` written by rank 0, restorable under any layout (dp x sp,
+  fsdp on or off, world 1), written atomically (``AtomicCheckpointIO``). With ``fsdp=True`` the model and
+  optimizer states are gathered to full CPU tensors (``torch.distributed.checkpoint.state_dict`` with
+  ``full_state_dict=True, cpu_offload=True``) and the optimizer state is stored in torch's parameter-index
+  format, as a replicated run writes it; loading shards them again.
 * Launch: Lightning's own launcher (``devices=N``; default ``start_method="popen"`` re-runs the script,
   ``"spawn"`` for notebooks / tests), or processes started by ``torchrun`` / SLURM, in which case no second
   set of processes is launched.
 
 ``sp_size=None`` means "all devices of one node" (``devices`` per node), i.e. SP inside a node and DP
-across nodes. The model reads :attr:`sp_group` (and :attr:`device_mesh`) from ``trainer.strategy``.
+across nodes.
 
 Both Lightning class trees are served: ``pytorch_lightning`` (this project's dependency) and
 ``lightning.pytorch`` each get their own subclass of their own ``DDPStrategy`` registered as ``"lightning_sp"``
@@ -32,6 +40,9 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
+
+from seqpar.distributed import ParallelDims, parallelize
+from seqpar.distributed.sharding import shard_bounds
 
 SP_MODES = ("allgather", "ring")
 GLOBAL_KEYS = ("cu_seqlens",)
@@ -72,14 +83,7 @@ def shard_batch(batch: Any, sp_rank: int, sp_size: int, global_keys=GLOBAL_KEYS)
     T = _seq_len_of(batch)
     if T is None:
         return batch
-    if T % sp_size != 0:
-        raise ValueError(
-            f"lightning_sp: sequence length T={T} is not divisible by sp_size={sp_size}; pad the sequences to a "
-            f"multiple of {sp_size} (e.g. T={-(-T // sp_size) * sp_size}, padding labels with -100) or choose a "
-            f"seq_len divisible by {sp_size}"
-        )
-    L = T // sp_size
-    lo, hi = sp_rank * L, (sp_rank + 1) * L
+    lo, hi = shard_bounds(T, sp_rank, sp_size)  # the slicing rule of shard_sequence
 
     def cut(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -98,6 +102,44 @@ def shard_batch(batch: Any, sp_rank: int, sp_size: int, global_keys=GLOBAL_KEYS)
     return cut(batch)
 
 
+# --------------------------------------------------------------------------------------------- helpers
+def _check_kwargs(DDPStrategy, kwargs: Dict[str, Any], fsdp: bool) -> None:
+    """TypeError for keyword arguments neither DDPStrategy nor (without fsdp) DistributedDataParallel takes."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    strategy_args = set(inspect.signature(DDPStrategy.__init__).parameters) - {"self", "kwargs"}
+    ddp_args = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module"}
+    bad = sorted(set(kwargs) - strategy_args - ddp_args)
+    if bad:
+        raise TypeError(f"lightning_sp: unexpected keyword argument(s) {bad}; LightningSPStrategy takes sp_size, "
+                        f"sp_mode, fsdp, DDPStrategy's arguments {sorted(strategy_args)} and "
+                        f"DistributedDataParallel's {sorted(ddp_args - {'device_ids', 'output_device'})}")
+    wrapper = sorted(set(kwargs) & (ddp_args - strategy_args))
+    if fsdp and wrapper:
+        raise TypeError(f"lightning_sp: {wrapper} configure the DDP wrapper, which fsdp=True does not use")
+
+
+def _param_names(optimizer, module) -> list:
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _names_to_ids(osd: Dict[str, Any], optimizer, module) -> Dict[str, Any]:
+    """Parameter-name keyed optimizer state -> torch's index format (what a replicated run saves)."""
+    index = {n: i for i, n in enumerate(_param_names(optimizer, module))}
+    return {"state": {index[n]: v for n, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]}
+
+
+def _ids_to_names(osd: Dict[str, Any], optimizer, module) -> Dict[str, Any]:
+    """torch's index format -> parameter-name keyed optimizer state (for set_optimizer_state_dict)."""
+    names = _param_names(optimizer, module)
+    return {"state": {names[int(i)]: v for i, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in osd["param_groups"]]}
+
+
 # --------------------------------------------------------------------------------------------- strategy
 def _make_strategy_class(pl_module_name: str):
     """Build the strategy on ``<pl_module_name>.strategies.DDPStrategy`` (one class per Lightning tree)."""
@@ -111,23 +153,32 @@ def _make_strategy_class(pl_module_name: str):
             sp_size: ranks per sequence-parallel group (a divisor of the world size). ``None``: all devices of
                 one node (the ``devices`` per node), i.e. SP within a node, DP across nodes.
             sp_mode: how SP attention exchanges the KV state: ``"allgather"`` (LASP-2 style prefix scan) or
-                ``"ring"``. Exposed as ``strategy.sp_mode`` for the model.
-            **ddp_kwargs: everything ``DDPStrategy`` accepts (``start_method``, ``process_group_backend``,
-                ``timeout``, ``find_unused_parameters``, ``static_graph``, ...).
+                ``"ring"``.
+            fsdp: shard parameters, gradients and optimizer state over the whole dp x sp world (FSDP2) instead
+                of replicating them under DDP.
+            **ddp_kwargs: ``DDPStrategy``'s arguments (``start_method``, ``process_group_backend``,
+                ``timeout``, ...) and, without fsdp, ``DistributedDataParallel``'s (``find_unused_parameters``,
+                ``static_graph``, ...). Anything else is a TypeError.
         """
 
         strategy_name = STRATEGY_NAME
 
-        def __init__(self, sp_size: Optional[int] = None, sp_mode: str = "allgather", **ddp_kwargs: Any) -> None:
+        def __init__(self, sp_size: Optional[int] = None, sp_mode: str = "allgather", fsdp: bool = False,
+                     **ddp_kwargs: Any) -> None:
             if sp_size is not None and (isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1):
                 raise ValueError(f"lightning_sp: sp_size must be a positive int or None, got {sp_size!r}")
             if sp_mode not in SP_MODES:
                 raise ValueError(f"lightning_sp: sp_mode must be one of {SP_MODES}, got {sp_mode!r}")
+            if not isinstance(fsdp, bool):
+                raise TypeError(f"lightning_sp: fsdp must be a bool, got {fsdp!r}")
+            _check_kwargs(DDPStrategy, ddp_kwargs, fsdp)
             super().__init__(**ddp_kwargs)
             self._sp_size_arg = sp_size
             self.sp_mode = sp_mode
-            self._device_mesh = None
+            self.fsdp = fsdp
+            self._dims: Optional[ParallelDims] = None
             self._mesh_key = None
+            self._parallelized = None  # (id of the module, mesh key) already parallelized
 
         # -------------------------------------------------------------- checkpoints
         @property
@@ -144,7 +195,51 @@ def _make_strategy_class(pl_module_name: str):
         def checkpoint_io(self, io) -> None:
             DDPStrategy.checkpoint_io.fset(self, io)
 
-        # -------------------------------------------------------------- layout
+        def _sharded(self) -> bool:
+            from torch.distributed.tensor import DTensor
+
+            m = self.lightning_module
+            return m is not None and any(isinstance(p, DTensor) for p in m.parameters())
+
+        def lightning_module_state_dict(self) -> Dict[str, Any]:
+            if not self._sharded():
+                return super().lightning_module_state_dict()
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            # collective: every rank gathers, rank 0 keeps full CPU tensors (the others get an empty dict)
+            return get_model_state_dict(self.lightning_module,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+        def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+            if not self._sharded():  # restored before setup: the module is not sharded yet
+                return super().load_model_state_dict(checkpoint, strict=strict)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.lightning_module, dict(checkpoint["state_dict"]),
+                                 options=StateDictOptions(full_state_dict=True, strict=strict))
+
+        def optimizer_state(self, optimizer) -> Dict[str, Any]:
+            if not self._sharded():
+                return super().optimizer_state(optimizer)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optimizer = getattr(optimizer, "_optimizer", optimizer)  # LightningOptimizer
+            osd = get_optimizer_state_dict(self.lightning_module, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return _names_to_ids(osd, optimizer, self.lightning_module) if osd else osd
+
+        def load_optimizer_state_dict(self, checkpoint) -> None:
+            if not self._sharded():
+                return super().load_optimizer_state_dict(checkpoint)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            for optimizer, osd in zip(self.optimizers, checkpoint["optimizer_states"]):
+                optimizer = getattr(optimizer, "_optimizer", optimizer)
+                set_optimizer_state_dict(self.lightning_module, optimizer,
+                                         _ids_to_names(osd, optimizer, self.lightning_module),
+                                         options=StateDictOptions(full_state_dict=True))
+
+        # -------------------------------------------------------------- layout (owned by ParallelDims)
         @property
         def _planned_world_size(self) -> int:
             if dist.is_available() and dist.is_initialized():
@@ -152,55 +247,49 @@ def _make_strategy_class(pl_module_name: str):
             return max(1, self.num_nodes * self.num_processes)
 
         @property
+        def parallel_dims(self) -> ParallelDims:
+            """The layout (sizes and, after ``setup_environment``, meshes and groups)."""
+            if self._dims is not None:
+                return self._dims
+            sp = self._sp_size_arg if self._sp_size_arg is not None else max(1, self.num_processes)
+            try:
+                return ParallelDims(sp=sp, world_size=self._planned_world_size)
+            except ValueError as e:
+                raise ValueError(f"lightning_sp: {e} (num_nodes={self.num_nodes} x devices={self.num_processes})") from None
+
+        @property
         def sp_size(self) -> int:
-            if self._device_mesh is not None:
-                return self._device_mesh["sp"].size()
-            if self._sp_size_arg is not None:
-                return self._sp_size_arg
-            return max(1, self.num_processes)
+            return self.parallel_dims.sp
 
         @property
         def dp_size(self) -> int:
-            return max(1, self._planned_world_size // self.sp_size)
+            return self.parallel_dims.dp
 
         @property
         def sp_rank(self) -> int:
-            if self._device_mesh is not None:
-                return self._device_mesh.get_local_rank("sp")
-            return self.global_rank % self.sp_size
+            return self.parallel_dims.coords(self.global_rank)[1]
 
         @property
         def dp_rank(self) -> int:
-            if self._device_mesh is not None:
-                return self._device_mesh.get_local_rank("dp")
-            return self.global_rank // self.sp_size
+            return self.parallel_dims.coords(self.global_rank)[0]
 
         @property
         def device_mesh(self):
             """The ``("dp", "sp")`` DeviceMesh (``None`` before ``setup_environment``)."""
-            return self._device_mesh
+            return self._dims.mesh if self._dims is not None else None
 
         @property
         def sp_group(self):
-            return self._device_mesh.get_group("sp") if self._device_mesh is not None else None
+            return self._dims.sp_group if self._dims is not None else None
 
         @property
         def dp_group(self):
-            return self._device_mesh.get_group("dp") if self._device_mesh is not None else None
-
-        def _validate_layout(self, world_size: int) -> None:
-            sp = self.sp_size
-            if world_size % sp != 0:
-                raise ValueError(
-                    f"lightning_sp: sp_size={sp} must divide the world size {world_size} "
-                    f"(num_nodes={self.num_nodes} x devices={self.num_processes}); choose sp among the divisors of "
-                    f"{world_size}: {[d for d in range(1, world_size + 1) if world_size % d == 0]}"
-                )
+            return self._dims.dp_group if self._dims is not None else None
 
         # -------------------------------------------------------------- lifecycle
         def _configure_launcher(self) -> None:
             if self.num_processes:  # fail at Trainer(...) time, before any process is launched
-                self._validate_layout(max(1, self.num_nodes * self.num_processes))
+                self.parallel_dims
             super()._configure_launcher()
 
         def setup_environment(self) -> None:
@@ -208,19 +297,40 @@ def _make_strategy_class(pl_module_name: str):
             self._setup_device_mesh()
 
         def _setup_device_mesh(self) -> None:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            world_size = dist.get_world_size()
-            key = (id(dist.distributed_c10d._get_default_group()), world_size, self.sp_size)
-            if self._device_mesh is not None and self._mesh_key == key:
+            key = (id(dist.distributed_c10d._get_default_group()), dist.get_world_size(), self.root_device.type)
+            if self._dims is not None and self._mesh_key == key:
                 return  # setup_environment runs on every fit / validate / test: build the mesh once
-            self._device_mesh = None
-            self._validate_layout(world_size)
-            sp = self.sp_size
-            self._device_mesh = init_device_mesh(
-                self.root_device.type, (world_size // sp, sp), mesh_dim_names=("dp", "sp")
-            )
-            self._mesh_key = key
+            self._dims = None
+            dims = self.parallel_dims
+            dims.build_mesh(self.root_device.type)
+            self._dims, self._mesh_key = dims, key
+
+        def _fsdp_dtypes(self) -> Dict[str, Any]:
+            precision = str(getattr(self.precision_plugin, "precision", "32-true"))
+            if precision in ("bf16-mixed",):
+                return {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+            if precision in ("32-true", "32", "bf16-true", "64-true"):
+                return {}
+            raise ValueError(f"lightning_sp: fsdp=True supports precision 32-true, bf16-mixed or bf16-true, "
+                             f"got {precision!r}")
+
+        def model_to_device(self) -> None:
+            super().model_to_device()
+            module = self.lightning_module
+            if module is None or self._parallelized == (id(module), self._mesh_key):
+                return
+            # SP context on every attention layer; with fsdp, fully_shard per block and at the root. Runs before
+            # DDP wrapping and before setup_optimizers, so the optimizer sees the sharded parameters.
+            parallelize(module, self._dims, sp_mode=self.sp_mode, fsdp=self.fsdp,
+                        **(self._fsdp_dtypes() if self.fsdp else {}))
+            if self.fsdp:  # sharded from identical initial values: DDP's start-up broadcast (validate / test) skips them
+                module._ddp_params_and_buffers_to_ignore = [n for n, _ in module.named_parameters()]
+            self._parallelized = (id(module), self._mesh_key)
+
+        def configure_ddp(self) -> None:
+            if self.fsdp:
+                return  # FSDP2 reduce-scatters (and averages) the gradients itself: no DDP wrapper
+            super().configure_ddp()
 
         @property
         def distributed_sampler_kwargs(self) -> Dict[str, Any]:
@@ -233,7 +343,7 @@ def _make_strategy_class(pl_module_name: str):
             return super().batch_to_device(batch, device=device, dataloader_idx=dataloader_idx)
 
         def __repr__(self) -> str:
-            return f"{type(self).__name__}(sp_size={self._sp_size_arg}, sp_mode={self.sp_mode!r})"
+            return f"{type(self).__name__}(sp_size={self._sp_size_arg}, sp_mode={self.sp_mode!r}, fsdp={self.fsdp})"
 
     name = "LightningSPStrategy" if pl_module_name == "pytorch_lightning" else "LightningSPStrategyLightning"
     _LightningSPStrategy.__name__ = _LightningSPStrategy.__qualname__ = name

@@ -133,7 +133,7 @@ def test_sp_noncontiguous_group():
 
 def _worker_errors(rank, world):
     x = torch.zeros(1, 5, 2, 4)
-    with pytest.raises(ValueError, match="not divisible by the sequence-parallel size 2: pad it to 6"):
+    with pytest.raises(ValueError, match=r"not divisible by sp_size=2 \(dim 1\): pad it to a multiple of 2, e.g. T=6"):
         shard_sequence(x)
     full = torch.arange(2 * 6 * 3, dtype=torch.float64).view(2, 6, 3).requires_grad_(True)
     part = shard_sequence(full)

@@ -69,26 +69,13 @@ def test_warmup_cosine():
     assert LitLM(max_steps=-1).hparams.max_steps is None  # Lightning's "unbounded"
 
 
-def test_attach_sp_group_from_strategy():
+def test_lit_has_no_sp_plumbing():
+    """LitLM does not fetch an SP group from the strategy: the strategy's parallelize sets the layers' context."""
     lit = LitLM()
-    assert lit.model.sp_mode == "allgather"
     lit._trainer = SimpleNamespace(strategy=SimpleNamespace(sp_group="G", sp_mode="ring"))
     lit.setup("fit")
-    assert lit.model.sp_group == "G" and lit.model.sp_mode == "ring"
-
-    class Mesh:
-        mesh_dim_names = ("dp", "sp")
-
-        def __getitem__(self, name):
-            assert name == "sp"
-            return SimpleNamespace(get_group=lambda: "MESH_SP")
-
-    lit._trainer = SimpleNamespace(strategy=SimpleNamespace(device_mesh=Mesh()))
-    lit.setup("fit")
-    assert lit.model.sp_group == "MESH_SP"
-    lit._trainer = SimpleNamespace(strategy=SimpleNamespace())  # plain strategy: no SP
-    lit.setup("fit")
-    assert lit.model.sp_group is None
+    assert lit.model.sp_group is None and lit.model.sp_mode == "allgather"
+    assert not hasattr(lit, "_attach_sp_group")
     lit._trainer = None
 
 

@@ -50,6 +50,10 @@ class Recorder(pl.Callback):
         info["sampler"] = getattr(s, "distributed_sampler_kwargs", None)
         group = pl_module.model.sp_group
         info["model_sp_group_size"] = dist.get_world_size(group) if group is not None else 1
+        # the model's (and every attention layer's) SP group is the layout's: ParallelDims owns it
+        layers = [m for m in pl_module.modules() if hasattr(m, "sp_group")]
+        layout_group = s.parallel_dims.sp_group if hasattr(s, "parallel_dims") else None
+        info["group_from_layout"] = all(m.sp_group is layout_group for m in layers) and len(layers) > 1
         gathered = [None] * trainer.world_size
         if trainer.world_size > 1:
             dist.all_gather_object(gathered, info)

@@ -114,7 +114,7 @@ def test_trainer_layout_and_errors():
     t = pl.Trainer(strategy=LightningSPStrategy(sp_size=2), accelerator="cpu", devices=4, logger=False)
     assert (t.strategy.sp_size, t.strategy.dp_size, t.strategy.distributed_sampler_kwargs) == (
         2, 2, {"num_replicas": 2, "rank": 0})
-    with pytest.raises(ValueError, match="sp_size=3 must divide the world size 4"):
+    with pytest.raises(ValueError, match=r"lightning_sp: sp=3 must divide the world size 4 \(choose among \[1, 2, 4\]\)"):
         pl.Trainer(strategy=LightningSPStrategy(sp_size=3), accelerator="cpu", devices=4, logger=False)
     with pytest.raises(ValueError, match="sp_mode"):
         LightningSPStrategy(sp_mode="tree")
@@ -147,6 +147,7 @@ def test_sp2_spawn_matches_single_process(tmp_path, reference):
     res = _run_worker(tmp_path, "--devices", "2", "--sp", "2", "--batch-size", "2", "--strategy", "lightning_sp_spawn")
     assert [(l["sp_rank"], l["dp_rank"], l["model_sp_group_size"]) for l in res["layouts"]] == [(0, 0, 2), (1, 0, 2)]
     assert all(l["sampler"] == {"num_replicas": 1, "rank": 0} for l in res["layouts"])
+    assert all(l["group_from_layout"] for l in res["layouts"])
     assert res["shapes"] == [[2, 32]] * 4  # T sliced for the SP rank before the copy
     _assert_same_training(res, reference)
 
@@ -160,3 +161,16 @@ def test_dp2_sp2_popen_matches_single_process(tmp_path, reference):
     assert got == [(0, 0, 0, 0, 2), (1, 0, 1, 0, 2), (2, 1, 0, 1, 2), (3, 1, 1, 1, 2)]  # contiguous SP groups
     assert res["shapes"] == [[1, 32]] * 4
     _assert_same_training(res, reference)
+
+
+def test_unknown_and_misplaced_keyword_arguments_are_type_errors():
+    for bad in ({"sharding_strategy": "FULL_SHARD"}, {"zero_stage": 3}):
+        with pytest.raises(TypeError, match=rf"unexpected keyword argument\(s\) \['{next(iter(bad))}'\]"):
+            LightningSPStrategy(**bad)
+    with pytest.raises(TypeError, match=r"\['find_unused_parameters'\] configure the DDP wrapper"):
+        LightningSPStrategy(fsdp=True, find_unused_parameters=True)
+    with pytest.raises(TypeError, match="fsdp must be a bool"):
+        LightningSPStrategy(fsdp="yes")
+    s = LightningSPStrategy(sp_size=2, fsdp=True, start_method="spawn")
+    assert s.fsdp and "fsdp=True" in repr(s)
+    assert LightningSPStrategy(static_graph=True).fsdp is False  # DDP's own arguments still pass through
