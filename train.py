@@ -331,7 +331,7 @@ def build(cfg, layout):
     from seqpar.models import TNLConfig
     from seqpar.models.lit import LitLM
     from seqpar.strategies import LightningSPStrategy
-    from seqpar.strategies.checkpointing import AtomicCheckpointIO, checkpoint_is_complete, find_resume_checkpoint
+    from seqpar.strategies.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, verify_checkpoint
 
     t, d, o = cfg.trainer, cfg.data, cfg.optim
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same initial weights on every layout
@@ -369,7 +369,7 @@ def build(cfg, layout):
     elif t.resume:
         if not os.path.isfile(t.resume):
             raise ConfigError(f"trainer.resume: checkpoint not found: {t.resume}")
-        ok, why = checkpoint_is_complete(t.resume)
+        ok, why = verify_checkpoint(t.resume)  # complete, and matching its .sha256 when there is one
         if not ok:
             raise ConfigError(f"trainer.resume: {t.resume} is not a complete checkpoint ({why})")
         ckpt_path = t.resume

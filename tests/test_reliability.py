@@ -81,10 +81,16 @@ def _assert_matches(got: dict, ref: dict, steps, what: str, tol: float = TOL) ->
 def _assert_no_partial_files(ckpt_dir: Path) -> None:
     from seqpar.strategies.checkpointing import checkpoint_is_complete
 
+    from seqpar.strategies.checkpointing import verify_checkpoint
+
     names = sorted(p.name for p in ckpt_dir.iterdir())
     assert not [n for n in names if ".tmp" in n], names
-    for n in names:
+    ckpts = [n for n in names if n.endswith(".ckpt")]
+    assert sorted(n for n in names if not n.endswith(".ckpt")) == sorted(n + ".sha256" for n in ckpts), names
+    for n in ckpts:
         ok, why = checkpoint_is_complete(str(ckpt_dir / n))
+        assert ok, (n, why)
+        ok, why = verify_checkpoint(str(ckpt_dir / n))
         assert ok, (n, why)
 
 
@@ -179,9 +185,10 @@ def test_auto_resume_skips_truncated_and_corrupt_checkpoints(tmp_path, single_re
         os.utime(ckpts / name, (future - i, future - i))  # newer than every real checkpoint
     (ckpts / "step0000100.ckpt.tmp.12345").write_bytes(data)  # an interrupted atomic save: never a candidate
     os.utime(good, (future - 10, future - 10))
-    with pytest.warns(UserWarning, match="skipping incomplete or corrupt checkpoint") as rec:
+    with pytest.warns(UserWarning, match="skipping 3 incomplete or corrupt checkpoint") as rec:
         assert find_resume_checkpoint(str(ckpts)) == str(good)
-    assert {Path(str(w.message).split()[6]).name for w in rec if "skipping" in str(w.message)} == set(planted)
+    (line,) = [str(w.message) for w in rec if "skipping" in str(w.message)]
+    assert all(name in line for name in planted) and line.endswith(f"resuming from {good}") and "\n" not in line
     assert find_resume_checkpoint(str(tmp_path / "nothing_here")) is None
 
     train = _train_module()  # train.py end to end (build only): resume=auto takes the newest complete file
@@ -194,6 +201,99 @@ def test_auto_resume_skips_truncated_and_corrupt_checkpoints(tmp_path, single_re
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     with pytest.raises(SystemExit, match="is not a complete checkpoint"):  # an explicit path must be complete
         train.main(["--config", "configs/debug.yaml", f"trainer.resume={ckpts / 'step0000099.ckpt'}"])
+
+
+def _corrupt_payload(path: Path, member: str = "archive/data/0", nbytes: int = 4096) -> None:
+    """Overwrite ``nbytes`` inside the stored payload of ``member`` (zip structure and pickle stay intact)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+    with open(path, "r+b") as f:  # the local header: 30 bytes + name + extra, then the (stored) data
+        f.seek(info.header_offset + 26)
+        n_name, n_extra = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        start = info.header_offset + 30 + n_name + n_extra
+        assert info.compress_size >= nbytes + 64, (member, info.compress_size)
+        f.seek(start + 64)
+        f.write(b"\xff" * nbytes)  # NaN patterns in fp32
+
+
+def test_corrupted_payload_is_skipped_by_checksum(tmp_path, single_ref):
+    """4096 bytes overwritten inside archive/data/0 of last.ckpt: the zip is still 'complete', but its SHA-256
+    differs from last.ckpt.sha256, so resume=auto skips it (one line) and takes the same step's step0000006."""
+    from seqpar.strategies.checkpointing import checkpoint_is_complete, find_resume_checkpoint, verify_checkpoint
+
+    src, _ = single_ref
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(src / "checkpoints", ckpts)
+    _assert_no_partial_files(ckpts)
+    last = ckpts / "last.ckpt"
+    os.utime(ckpts / "step0000006.ckpt", (time.time() - 5, time.time() - 5))
+    os.utime(last, None)  # last.ckpt is the newest
+    _corrupt_payload(last)
+    assert checkpoint_is_complete(str(last))[0]  # the structural check alone cannot see it
+    ok, why = verify_checkpoint(str(last))
+    assert not ok and "SHA-256 mismatch" in why
+    with pytest.warns(UserWarning, match=r"skipping 1 .*last.ckpt \(SHA-256 mismatch"):
+        assert find_resume_checkpoint(str(ckpts)) == str(ckpts / "step0000006.ckpt")
+    train = _train_module()  # an explicit trainer.resume= path is verified too
+    with pytest.raises(SystemExit, match="SHA-256 mismatch"):
+        train.main(["--config", "configs/debug.yaml", f"trainer.resume={last}"])
+    (ckpts / "last.ckpt.sha256").write_text("0" * 64 + "  1  last.ckpt\n")  # a wrong size is caught before hashing
+    assert "size" in verify_checkpoint(str(last))[1]
+
+
+def test_checksum_sidecar_written_last_and_removed_with_its_checkpoint(tmp_path, monkeypatch):
+    from seqpar.strategies import checkpointing as C
+
+    io = C.AtomicCheckpointIO()
+    path = tmp_path / "step0000002.ckpt"
+    io.save_checkpoint({"w": torch.arange(100.0)}, str(path))
+    digest, size = C.file_sha256(str(path))
+    assert (tmp_path / "step0000002.ckpt.sha256").read_text() == f"{digest}  {size}  step0000002.ckpt\n"
+    # the checkpoint is renamed into place first; a crash before the sidecar's rename leaves the old sidecar,
+    # which then fails verification (the file is skipped, never loaded unverified)
+    real_write = C._write_atomic
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed between the two renames")
+
+    monkeypatch.setattr(C, "_write_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"w": torch.arange(200.0)}, str(path))
+    monkeypatch.setattr(C, "_write_atomic", real_write)
+    assert not C.verify_checkpoint(str(path))[0]
+    io.remove_checkpoint(str(path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint_valid(tmp_path, monkeypatch):
+    """A write that fails with ENOSPC half-way: the save raises, the previous checkpoint and its checksum are
+    untouched and verify, and no temporary file is left."""
+    import errno
+
+    from seqpar.strategies import checkpointing as C
+
+    io = C.AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"w": torch.arange(10.0)}, str(path))
+    before = (path.read_bytes(), (tmp_path / "last.ckpt.sha256").read_bytes())
+    budget = {"left": 3000}
+    real_write = C._HashingWriter.write
+
+    def full_disk(self, b):
+        budget["left"] -= len(b)
+        if budget["left"] < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, b)
+
+    monkeypatch.setattr(C._HashingWriter, "write", full_disk)
+    with pytest.raises((OSError, RuntimeError)):  # torch's zip writer may re-raise it as a RuntimeError
+        io.save_checkpoint({"w": torch.randn(100_000)}, str(path))
+    monkeypatch.setattr(C._HashingWriter, "write", real_write)
+    assert (path.read_bytes(), (tmp_path / "last.ckpt.sha256").read_bytes()) == before
+    assert C.verify_checkpoint(str(path)) == (True, "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
 
 
 def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
@@ -216,4 +316,4 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
         io.save_checkpoint({"w": torch.arange(1000)}, str(path))
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before  # the previous complete checkpoint is untouched
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # and no temporary file is left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # no temporary file
