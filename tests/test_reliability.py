@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
              "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "PL_GLOBAL_SEED",
-             "SEQPAR_FAULT_AT_STEP", "SEQPAR_FAULT_RANK", "SEQPAR_EXTRA_CALLBACKS")
+             "SEQPAR_FAULT_AT_STEP", "SEQPAR_FAULT_RANK", "SEQPAR_EXTRA_CALLBACKS",
+             "SEQPAR_SIGNAL_AT_STEP", "SEQPAR_SIGNAL_RANK", "SEQPAR_SIGNAL_READY")
 FAULT_INJECTOR = str(ROOT / "tests" / "_fault_injector.py") + ":callbacks"
+SIGNAL_HOOK = str(ROOT / "tests" / "_signal_hook.py") + ":callbacks"
 STEPS, CKPT_EVERY, FAULT_STEP = 6, 2, 3
 COMMON = ["--config", "configs/debug.yaml", f"trainer.max_steps={STEPS}", f"trainer.ckpt_every={CKPT_EVERY}",
           "trainer.val_check_interval=4", "trainer.resume=auto"]
@@ -48,17 +50,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args, nproc: int = 1, fault=None, restarts: int = 0, expect_rc: int = 0, timeout: int = 240) -> str:
+def _cmd_env(args, nproc: int = 1, restarts: int = 0):
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env["OMP_NUM_THREADS"] = "1"
-    if fault is not None:
-        env["SEQPAR_FAULT_AT_STEP"], env["SEQPAR_FAULT_RANK"] = str(fault[0]), str(fault[1])
-        env["SEQPAR_EXTRA_CALLBACKS"] = FAULT_INJECTOR  # tests/_fault_injector.py, loaded by the recipe
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--max-restarts", str(restarts), "--master_port", str(_free_port()), str(TRAIN), *args]
     else:
         cmd = [sys.executable, str(TRAIN), *args]
+    return cmd, env
+
+
+def _run(args, nproc: int = 1, fault=None, restarts: int = 0, expect_rc: int = 0, timeout: int = 240) -> str:
+    cmd, env = _cmd_env(args, nproc, restarts)
+    if fault is not None:
+        env["SEQPAR_FAULT_AT_STEP"], env["SEQPAR_FAULT_RANK"] = str(fault[0]), str(fault[1])
+        env["SEQPAR_EXTRA_CALLBACKS"] = FAULT_INJECTOR  # tests/_fault_injector.py, loaded by the recipe
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     assert p.returncode == expect_rc, f"{' '.join(cmd)}: rc {p.returncode} != {expect_rc}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
@@ -319,3 +326,106 @@ def test_atomic_save_never_leaves_a_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before  # the previous complete checkpoint is untouched
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]  # no temporary file
+
+
+# ---------------------------------------------------------------------------------------- signals
+SIGNAL_STEP = 2  # the signal arrives during step 2: the run finishes it and writes last.ckpt at global step 3
+
+
+def _run_and_signal(args, tmp_path: Path, signum: int, rank: int = 0, nproc: int = 1, timeout: int = 240) -> str:
+    """Run train.py, send ``signum`` from this process to global rank ``rank`` while it is at step SIGNAL_STEP
+    (tests/_signal_hook.py parks it there), and return the output; the run must exit with status 0."""
+    import signal as _signal
+
+    cmd, env = _cmd_env(args, nproc)
+    ready = tmp_path / f"ready_{signum}"
+    env.update(SEQPAR_EXTRA_CALLBACKS=SIGNAL_HOOK, SEQPAR_SIGNAL_AT_STEP=str(SIGNAL_STEP),
+               SEQPAR_SIGNAL_RANK=str(rank), SEQPAR_SIGNAL_READY=str(ready))
+    log = tmp_path / f"signal_{signum}.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready.exists():
+                assert p.poll() is None, f"train.py ended (rc {p.returncode}) before step {SIGNAL_STEP}\n{log.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, "train.py did not reach the signal step"
+                time.sleep(0.05)
+            os.kill(int(ready.read_text()), signum)  # a real signal to the (worker) process
+            rc = p.wait(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    out = log.read_text()
+    assert rc == 0, f"rc {rc} after {_signal.Signals(signum).name}\n{out[-6000:]}"
+    return out
+
+
+def _check_stopped_and_resumed(tmp_path: Path, out: str, ref: dict, args, nproc: int, signame: str) -> None:
+    stop = SIGNAL_STEP + 1
+    assert f"received {signame}" in out and f"stopped by a signal after step {stop}" in out, out[-3000:]
+    ckpts = tmp_path / "checkpoints"
+    _assert_no_partial_files(ckpts)
+    ck = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ck["global_step"] == stop  # the step in flight was finished and saved, none lost
+    (first,) = _losses_by_version(tmp_path)
+    _assert_matches(first, ref, range(stop), f"{signame}: before the signal")
+    out = _run(args, nproc=nproc)  # the same command again: resume=auto continues at the saved step
+    assert f"resume={ckpts / 'last.ckpt'}" in out and f"done: step {STEPS}" in out
+    _, second = _losses_by_version(tmp_path)
+    _assert_matches(second, ref, range(stop, STEPS), f"{signame}: after resume")
+
+
+def test_sigint_finishes_the_step_saves_and_exits_0_then_resumes_exactly(tmp_path, single_ref):
+    import signal
+
+    _, ref = single_ref
+    args = [*SINGLE, f"trainer.out_dir={tmp_path}"]
+    out = _run_and_signal(args, tmp_path, signal.SIGINT)
+    _check_stopped_and_resumed(tmp_path, out, ref, args, 1, "SIGINT")
+
+
+def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_cleanly_then_resumes_exactly(tmp_path, sp2_ref):
+    """SP=2 under torchrun: SIGTERM reaches rank 1 only; the ranks agree after the step, both write last.ckpt
+    (global step 3, not a multiple of ckpt_every) and exit 0, so torchrun exits 0 without a restart."""
+    import signal
+
+    args = [*SP2, f"trainer.out_dir={tmp_path}"]
+    out = _run_and_signal(args, tmp_path, signal.SIGTERM, rank=1, nproc=2)
+    _check_stopped_and_resumed(tmp_path, out, sp2_ref, args, 2, "SIGTERM")
+
+
+# ---------------------------------------------------------------------------------------- extending a run
+EXT = ["--config", "configs/debug.yaml", "optim.min_lr_ratio=1.0", "trainer.ckpt_every=3", "trainer.val_check_interval=4"]
+
+
+def test_extending_a_finished_run_repeats_the_longer_run_from_either_checkpoint_of_the_step(tmp_path):
+    """max_steps=6, then max_steps=9 resumed: steps 6-8 (and their logged step numbers) equal an uninterrupted
+    9-step run, from last.ckpt as from step0000006.ckpt (the same step); no last-v1.ckpt. (A constant LR,
+    min_lr_ratio=1: the cosine schedule ends at max_steps, so extending a run changes its schedule.)"""
+    _run([*EXT, "trainer.max_steps=9", f"trainer.out_dir={tmp_path / 'ref'}"])
+    (ref,) = _losses_by_version(tmp_path / "ref")
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run([*EXT, "trainer.max_steps=6", f"trainer.out_dir={a}"])
+    shutil.copytree(a, b)
+    _run([*EXT, "trainer.max_steps=9", f"trainer.out_dir={a}", f"trainer.resume={a / 'checkpoints' / 'last.ckpt'}"])
+    _run([*EXT, "trainer.max_steps=9", f"trainer.out_dir={b}",
+          f"trainer.resume={b / 'checkpoints' / 'step0000006.ckpt'}"])
+    for run, which in ((a, "last.ckpt"), (b, "step0000006.ckpt")):
+        first, second = _losses_by_version(run)
+        _assert_matches(first, ref, range(6), f"first 6 steps ({which})")
+        _assert_matches(second, ref, range(6, 9), f"extended from {which}")
+        names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.endswith(".ckpt"))
+        assert names == ["last.ckpt", "step0000003.ckpt", "step0000006.ckpt", "step0000009.ckpt"], names
+
+
+def test_unwritable_checkpoint_dir_fails_before_training(tmp_path):
+    from seqpar.strategies.checkpointing import check_writable_dir
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    train = _train_module()
+    with pytest.raises(SystemExit, match=rf"config error: trainer.ckpt_dir: cannot create checkpoint directory {blocker}"):
+        train.main(["--config", "configs/debug.yaml", f"trainer.out_dir={tmp_path}", f"trainer.ckpt_dir={blocker}"])
+    assert "is not writable" in check_writable_dir("/proc")  # exists, but no file can be created in it (even as root)
+    assert check_writable_dir(str(tmp_path / "new" / "dir")) is None and (tmp_path / "new" / "dir").is_dir()
+    assert os.listdir(tmp_path / "new" / "dir") == []  # the probe file is removed
