@@ -429,3 +429,48 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path):
     assert "is not writable" in check_writable_dir("/proc")  # exists, but no file can be created in it (even as root)
     assert check_writable_dir(str(tmp_path / "new" / "dir")) is None and (tmp_path / "new" / "dir").is_dir()
     assert os.listdir(tmp_path / "new" / "dir") == []  # the probe file is removed
+
+
+_KILLED_WRITER = r"""
+import os, sys, time, torch
+from seqpar.strategies import checkpointing as C
+path, marker = sys.argv[1], sys.argv[2]
+C.AtomicCheckpointIO().save_checkpoint({"w": torch.arange(1000.0)}, path)  # a complete previous checkpoint
+real = C._HashingWriter.write
+def slow(self, b):
+    n = real(self, b)
+    if self.n > 4096 and not os.path.exists(marker):
+        self.f.flush()
+        open(marker, "w").close()
+        time.sleep(60)  # SIGKILLed here, half-way through the new checkpoint
+    return n
+C._HashingWriter.write = slow
+C.AtomicCheckpointIO().save_checkpoint({"w": torch.randn(1_000_000)}, path)
+"""
+
+
+def test_process_killed_during_a_checkpoint_write_leaves_the_previous_one_valid(tmp_path):
+    """A real process SIGKILLed in the middle of writing last.ckpt: last.ckpt and its checksum are the previous
+    complete save, the partial temporary file is never a resume candidate."""
+    import signal
+
+    from seqpar.strategies.checkpointing import find_resume_checkpoint, verify_checkpoint
+
+    path, marker = tmp_path / "last.ckpt", tmp_path / "writing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path), str(marker)], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert p.poll() is None and time.monotonic() < deadline, f"writer ended early (rc {p.returncode})"
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+    partial = [n for n in os.listdir(tmp_path) if ".tmp." in n]
+    assert len(partial) == 1 and os.path.getsize(tmp_path / partial[0]) > 4096  # the interrupted write
+    assert verify_checkpoint(str(path)) == (True, "")
+    assert torch.equal(torch.load(path)["w"], torch.arange(1000.0))
+    assert find_resume_checkpoint(str(tmp_path)) == str(path)
