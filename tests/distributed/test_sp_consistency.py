@@ -19,12 +19,16 @@ from sp_dist_utils import assert_close, run_workers
 B, L, H, D, E = 1, 6, 2, 4, 4
 
 
+DEVICE = {"type": "cpu"}  # the worker sets "cuda" for the GPU variant (gloo moves CUDA tensors through the host)
+
+
 def _inputs(rank, B=B, H=H, D=D, E=E, dtype=torch.float32):
     g = torch.Generator().manual_seed(7)
     q, k = (torch.randn(B, 2 * L, H, D, generator=g) for _ in range(2))
     v = torch.randn(B, 2 * L, H, E, generator=g)
     sl = slice(rank * L, (rank + 1) * L)
-    return [x[:, sl].to(dtype) for x in (q, k, v)] + [torch.linspace(0.1, 0.9, H)]
+    dev = DEVICE["type"]
+    return [x[:, sl].to(dev, dtype) for x in (q, k, v)] + [torch.linspace(0.1, 0.9, H, device=dev)]
 
 
 # each case: (name expected in the message of the agreeing rank(s), what rank 1 changes)
@@ -56,11 +60,12 @@ def _call(rank, case):
             s[1] += case["slopes_eps"]  # one ulp-sized change of one slope is detected
         cu = case.get("cu", cu)
     use_cu = "cu" in case or ("cu_only_rank1" in case and rank == 1)
-    cu_t = torch.tensor(cu, dtype=torch.int64) if use_cu else None
+    cu_t = torch.tensor(cu, dtype=torch.int64, device=DEVICE["type"]) if use_cu else None
     return sp_lightning_attn(q, k, v, s, mode=mode, cu_seqlens=cu_t, scale=scale, backend="torch")
 
 
-def _worker(rank, world):
+def _worker(rank, world, device="cpu"):
+    DEVICE["type"] = device
     for name, case in CASES.items():
         with pytest.raises(ValueError, match=r"disagree on " + name.strip().replace("(", r"\(")) as ei:
             _call(rank, case)
@@ -79,6 +84,7 @@ def _worker(rank, world):
     g = torch.Generator().manual_seed(7)
     qf, kf = (torch.randn(B, 2 * L, H, D, generator=g) for _ in range(2))
     vf = torch.randn(B, 2 * L, H, E, generator=g)
+    qf, kf, vf = (x.to(DEVICE["type"]) for x in (qf, kf, vf))
     ref = lightning_attn(qf, kf, vf, full[3], backend="torch")[0][:, rank * L:(rank + 1) * L]
     for mode in ("allgather", "ring"):
         assert_close(f"o {mode}", sp_lightning_attn(q, k, v, s, mode=mode, backend="torch"), ref, 1e-5)
@@ -93,6 +99,13 @@ def _worker(rank, world):
 
 def test_disagreeing_sp_ranks_raise_value_error_on_every_rank():
     run_workers(_worker, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_disagreeing_sp_ranks_raise_value_error_on_every_rank_cuda_tensors():
+    """The same cases with CUDA tensors (slopes checksum on the GPU), 2 processes sharing one GPU over gloo."""
+    run_workers(_worker, 2, "cuda")
 
 
 def test_slopes_checksum_is_exact_and_order_sensitive():
