@@ -474,3 +474,30 @@ def test_process_killed_during_a_checkpoint_write_leaves_the_previous_one_valid(
     assert verify_checkpoint(str(path)) == (True, "")
     assert torch.equal(torch.load(path)["w"], torch.arange(1000.0))
     assert find_resume_checkpoint(str(tmp_path)) == str(path)
+
+
+def test_data_order_follows_the_samples_consumed_not_lightnings_epoch():
+    """A loader restored from {"epoch": 0, "samples_consumed": 20} continues pass 0 at sample 20 even when
+    Lightning calls set_epoch(1) first (what it does after an end-of-fit checkpoint), and its next pass is
+    pass 1 when Lightning says epoch 2."""
+    from seqpar.data.sampling import make_loader
+
+    data = list(range(40))
+    ref = make_loader(data, 2, shuffle=True, seed=3)
+    passes = []
+    for e in range(2):
+        ref.sampler.set_epoch(e)
+        passes.append([int(x) for b in ref for x in b])
+    assert sorted(passes[0]) == data and passes[1] != passes[0]
+
+    resumed = make_loader(data, 2, shuffle=True, seed=3)
+    resumed.load_state_dict({"epoch": 0, "samples_consumed": 20})
+    resumed.sampler.set_epoch(1)  # Lightning's epoch counter after an end-of-fit checkpoint
+    assert [int(x) for b in resumed for x in b] == passes[0][20:]
+    assert resumed.state_dict() == {"epoch": 0, "samples_consumed": 40}
+    resumed.sampler.set_epoch(2)
+    assert [int(x) for b in resumed for x in b] == passes[1]
+    ended = make_loader(data, 2, shuffle=True, seed=3)
+    ended.load_state_dict({"epoch": 0, "samples_consumed": 40})  # saved after the last batch of pass 0
+    ended.sampler.set_epoch(0)  # Lightning still counts epoch 0 (saved mid-step)
+    assert [int(x) for b in ended for x in b] == passes[1]
