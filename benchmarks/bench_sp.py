@@ -11,7 +11,9 @@ For each tokens-per-rank T it measures, forward + backward:
   * local:      the single-device operator seqpar.lightning_attn on T tokens (what each rank would
                 cost without any communication: the ideal SP time);
   * lasp:       lasp.lasp_fuse_parallel (LASP's fused kernel + ring), when the lasp package imports (CUDA only);
-  * comm/<mode>: the state exchange alone (forward exchange + backward exchange of one call), same sizes.
+  * comm/<mode>: the state exchange alone (forward exchange + backward exchange of one call), same sizes;
+  * sp/<mode> without header: the SP op with the consistency header off (comm.set_consistency_checks(False)),
+    and the header exchange alone (make_header + all-gather + check_headers): the cost of the check.
 Every rank runs the same fixed number of iterations (no adaptive timers: they deadlock collectives);
 the reported time is the max over ranks of the per-iteration mean. Rank 0 writes a markdown table to
 benchmarks/results/sp_<device>.md.
@@ -142,6 +144,19 @@ def comm_exchange(mode, shape, dev, group=None):
     return allgather if mode == "allgather" else ring
 
 
+def header_exchange(q, s, dev, group=None):
+    """The consistency header of one call alone: build (slopes checksum on the device), all-gather, check."""
+    r = comm.group_rank(group)
+
+    def run():
+        h = comm.make_header(mode="allgather", q=q, v=q, slopes=s, scale=q.shape[-1] ** -0.5, cu_seqlens=None)
+        out, w = comm.start_header_exchange(h, group)
+        w.wait()
+        comm.check_headers(out, r)
+
+    return run
+
+
 def try_lasp(P):
     try:
         from lasp import lasp_fuse_parallel
@@ -182,8 +197,16 @@ def main():
         for mode in args.modes:
             fn = lambda q, k, v, s, m=mode: sp_lightning_attn(q, k, v, s, mode=m, backend=args.backend)  # noqa: E731
             results[f"sp/{mode}"] = (timeit(make_step(fn, q, k, v, s, do), args.iters, args.warmup, dev), B * T * P)
+            comm.set_consistency_checks(False)  # the same op without the consistency header (every rank)
+            try:
+                results[f"sp/{mode} without header"] = (
+                    timeit(make_step(fn, q, k, v, s, do), args.iters, args.warmup, dev), B * T * P)
+            finally:
+                comm.set_consistency_checks(True)
             ex = comm_exchange(mode, (B, H, D, D), dev)
             results[f"comm/{mode} (exchange only)"] = (timeit(ex, args.iters, args.warmup, dev), None)
+        results["header exchange only (int64 x %d)" % comm.HEADER_LEN] = (
+            timeit(header_exchange(q, s, dev), args.iters, args.warmup, dev), None)
         if lasp_fn is not None:
             qt, kt, vt, dot = (x.detach().transpose(1, 2).contiguous() for x in (q, k, v, do))
             qt, kt, vt = (x.requires_grad_(True) for x in (qt, kt, vt))
@@ -216,7 +239,8 @@ def main():
             f"{args.warmup} warm-up (max over ranks). T = tokens per rank; throughput of sp/lasp counts the "
             f"global sequence P*T (M tok/s for the group, and per device); `local` is one device on T tokens "
             f"with no communication (the ideal per-device SP cost). `comm` times the state exchange alone "
-            f"(forward + backward). Peak memory: max allocated on rank 0 over the T block.\n\n"
+            f"(forward + backward); `without header` turns the ranks' consistency header off, `header exchange only` "
+            f"times it alone. Peak memory: max allocated on rank 0 over the T block.\n\n"
             f"Command: `{' '.join(sys.argv)}` (torch {torch.__version__})\n\n"
         )
         table = ["| T/rank | op | ms | M tok/s (group) | M tok/s / device | peak GiB |", "|---|---|---|---|---|---|"]

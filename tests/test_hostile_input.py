@@ -213,7 +213,9 @@ def test_sp_operator_bad_input_two_gloo_ranks(tmp_path):
         assert r["k_shape"].startswith("ValueError: k must have the shape of q"), r
         assert r["nan_q"] == "ValueError: q contains NaN or inf", r
     assert r1["length_mismatch"].startswith("ValueError: cu_seqlens[-1] = 16 (global tokens) != group size 2 x local length 12"), r1
-    assert r0.get("length_mismatch", "other").startswith("other"), r0  # the peer errors out, it does not hang
+    # the peer does not hang: the consistency header tells it which rank rejected its inputs
+    assert r0.get("length_mismatch", "").startswith("ValueError: sp_lightning_attn: SP rank(s) [1] of the group "
+                                                    "rejected their own inputs"), r0
 
 
 def test_strategy_rejects_sequence_not_divisible_by_sp():

@@ -123,7 +123,8 @@ def test_torchrun_sp2_checkpoint_resumes_under_sp2_and_sp1(tmp_path):
     out = _run([*common, "parallel.sp=2", f"trainer.out_dir={a}"], nproc=2)
     assert "world=2 sp=2 dp=1" in out
     ckpts = sorted(p.name for p in (a / "checkpoints").iterdir())
-    assert ckpts == ["last.ckpt", "step0000003.ckpt", "step0000006.ckpt"], ckpts  # written once, by rank 0
+    want = ["last.ckpt", "step0000003.ckpt", "step0000006.ckpt"]  # written once, by rank 0, with their checksums
+    assert ckpts == sorted(want + [n + ".sha256" for n in want]), ckpts
     ref = _losses(a)
     assert sorted(ref) == list(range(6)) and ref[5] < ref[0]
 

@@ -3,7 +3,11 @@
 ``ResumableDistributedSampler`` is a ``DistributedSampler`` (so Lightning does not replace it) whose
 ``__iter__`` is lazy: the permutation is drawn at the first ``next()``, after Lightning's ``set_epoch``.
 ``ResumableDataLoader`` implements ``state_dict`` / ``load_state_dict`` (Lightning stores them in the
-checkpoint's loop state), counting batches handed to the trainer. The state is kept in *global samples
+checkpoint's loop state), counting batches handed to the trainer. After a resume the shuffle follows the
+checkpoint's pass, not Lightning's epoch number: the first ``set_epoch`` after ``load_state_dict`` fixes an
+offset between the two, so the data order is a function of the samples consumed (the global step). A checkpoint
+that Lightning saved after ``fit`` ended (epoch marked completed, the resumed loop starts "epoch 1") therefore
+continues the same pass as a checkpoint of the same step saved mid-epoch. The state is kept in *global samples
 consumed*, so a checkpoint resumes exactly under another dp layout with the same global batch
 (dp x batch_size), e.g. SP=2 x DP=1 x B=2  ->  SP=1 x DP=2 x B=1.
 """
@@ -29,6 +33,12 @@ class ResumableDistributedSampler(DistributedSampler):
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start_index = 0
+        self.epoch_offset = 0  # pass number = the epoch given to set_epoch + this (set on resume)
+        self.external_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.external_epoch = int(epoch)
+        super().set_epoch(int(epoch) + self.epoch_offset)
 
     def __iter__(self) -> Iterator[int]:  # a generator: evaluated at first next(), after set_epoch()
         indices = list(super().__iter__())
@@ -43,10 +53,15 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._batches_yielded = 0
         self._resume_batches = 0
+        self._resume_epoch: Optional[int] = None
 
-    def __iter__(self):
+    def __iter__(self):  # a generator: runs at the first next(), after Lightning's set_epoch
         start, self._resume_batches = self._resume_batches, 0
         self._batches_yielded = start
+        if self._resume_epoch is not None:  # continue the checkpoint's pass whatever epoch Lightning counts
+            sampler = self.sampler
+            sampler.epoch_offset = self._resume_epoch - sampler.external_epoch
+            sampler.epoch, self._resume_epoch = self._resume_epoch, None
         for batch in super().__iter__():
             self._batches_yielded += 1
             yield batch
@@ -74,11 +89,13 @@ class ResumableDataLoader(DataLoader):
                 "not a whole number of steps, rounding down"
             )
             per_rank -= per_rank % bs
-        if per_rank >= len(sampler):  # the epoch had ended: the next one starts from scratch
-            per_rank = 0
+        epoch = int(state.get("epoch", 0))
+        full = len(sampler) - (len(sampler) % bs if self.drop_last else 0)  # samples of this rank per pass
+        if per_rank >= full:  # the pass had ended: the next one starts from scratch
+            per_rank, epoch = 0, epoch + 1
         sampler.start_index = per_rank
-        if "epoch" in state:
-            sampler.set_epoch(int(state["epoch"]))
+        sampler.epoch = epoch  # also for callers that never call set_epoch
+        self._resume_epoch = epoch
         self._resume_batches = per_rank // bs
 
 

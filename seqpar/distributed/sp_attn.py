@@ -354,11 +354,36 @@ def sp_lightning_attn(
     Returns:
         o: [B, T_local, H, E], this rank's shard of the output, in q's dtype.
     """
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     g = comm.as_group(group)
     P = comm.group_size(g)
     r = comm.group_rank(g)
+    checks = P > 1 and comm.consistency_checks_enabled()
+    # With checks, every rank all-gathers a fixed-size header (shapes, dtype, mode, scale, checksums of slopes
+    # and cu_seqlens) before the state exchange, the same collective in both modes: a disagreement, or invalid
+    # inputs on one rank, is a ValueError on every rank, never a size mismatch inside the collective or a hang.
+    try:
+        scale, local_cu, first, last, resets, cu_list = _local_plan(
+            q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset, P, r)
+    except (ValueError, TypeError):
+        if checks:
+            out, work = comm.start_header_exchange(comm.make_header(status=1, mode=mode, q=None, v=None,
+                                                                    slopes=None, scale=None, cu_seqlens=None), g)
+            work.wait()
+            comm.check_headers(out, r)
+        raise
+    if P == 1:
+        return lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)[0]
+    header = None
+    if checks:  # launched now, checked before the state exchange starts (the local state M overlaps it)
+        header = comm.start_header_exchange(
+            comm.make_header(mode=mode, q=q, v=v, slopes=slopes, scale=scale, cu_seqlens=cu_list), g)
+    return _sp_forward(q, k, v, slopes, g, P, r, scale, mode, local_cu, first, last, resets, backend, header)
+
+
+def _local_plan(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset, P, r):
+    """Validate this rank's arguments; ``(scale, local_cu, first, last, resets, global cu list or None)``."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     validate_inputs(q, k, v, slopes, scale, None, None, backend)
     B, L, H, D = q.shape
     E = v.shape[-1]
@@ -388,10 +413,12 @@ def sp_lightning_attn(
         local_cu, first, last, resets = local_cu_seqlens(cu_list, int(shard_offset), L)
         if local_cu is not None:
             local_cu = local_cu.to(cu_seqlens.device, cu_seqlens.dtype)
+    return scale, local_cu, first, last, resets, (cu_list if cu_seqlens is not None else None)
 
-    if P == 1:
-        return lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)[0]
 
+def _sp_forward(q, k, v, slopes, g, P, r, scale, mode, local_cu, first, last, resets, backend, header=None):
+    """The P > 1 path of :func:`sp_lightning_attn`; ``header``: the pending header exchange (out, work) or None."""
+    B, L, H, D = q.shape
     acc = _acc(q.dtype)
     # 1. this shard's contribution to the outgoing state, and the decay of the incoming one
     M = _SegmentState.apply(k[:, last:], v[:, last:], slopes)
@@ -399,6 +426,9 @@ def sp_lightning_attn(
         a = torch.zeros(H, dtype=acc, device=q.device)
     else:
         a = torch.exp(-slopes.to(acc) * L)
+    if header is not None:  # all ranks agree (or all raise) before any state message is sent
+        header[1].wait()
+        comm.check_headers(header[0], r)
     # 2. launch the exchange
     ex = _Exchange(g, mode, r, P, q.device)
     dummy = _Start.apply(M, a, ex)

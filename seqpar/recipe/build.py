@@ -52,9 +52,11 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
     from seqpar.data import SeqDataModule
     from seqpar.models.lit import LitLM
     from seqpar.strategies import LightningSPStrategy
-    from seqpar.strategies.checkpointing import AtomicCheckpointIO, checkpoint_is_complete, find_resume_checkpoint
+    from seqpar.strategies.checkpointing import (AtomicCheckpointIO, check_writable_dir, find_resume_checkpoint,
+                                                 verify_checkpoint)
 
     from .callbacks import StepSeeder, extra_callbacks_from_env
+    from .preemption import LastCheckpoint
 
     t, d, o = cfg.trainer, cfg.data, cfg.optim
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same initial weights on every layout
@@ -83,13 +85,16 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
         model.model.compile_blocks()
 
     ckpt_dir = t.ckpt_dir or os.path.join(t.out_dir, "checkpoints")
+    why = check_writable_dir(ckpt_dir)  # now, not at the first save ckpt_every steps into training
+    if why:
+        raise ConfigError(f"trainer.ckpt_dir: {why}")
     ckpt_path = None
     if t.resume == "auto":  # the newest complete checkpoint; truncated / corrupt files are skipped with a warning
         ckpt_path = find_resume_checkpoint(ckpt_dir)
     elif t.resume:
         if not os.path.isfile(t.resume):
             raise ConfigError(f"trainer.resume: checkpoint not found: {t.resume}")
-        ok, why = checkpoint_is_complete(t.resume)
+        ok, why = verify_checkpoint(t.resume)  # complete, and matching its .sha256 when there is one
         if not ok:
             raise ConfigError(f"trainer.resume: {t.resume} is not a complete checkpoint ({why})")
         ckpt_path = t.resume
@@ -104,8 +109,11 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
         ModelCheckpoint(
             dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
             every_n_train_steps=t.ckpt_every or None, save_top_k=t.keep_ckpts if t.ckpt_every else 0,
-            monitor="step", mode="max", save_last=True,
-        )
+            monitor="step", mode="max", save_last=False, enable_version_counter=False,
+        ),
+        # last.ckpt: after optimizer steps only (every ckpt_every steps, at max_steps, on SIGTERM / SIGINT), so
+        # that it resumes exactly like the step file of the same step (see seqpar.recipe.preemption)
+        LastCheckpoint(ckpt_dir, every=t.ckpt_every),
     ]
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every, 10))))

@@ -51,10 +51,13 @@ def main(argv: Optional[List[str]] = None, callbacks: Optional[Sequence[Any]] = 
             torch.distributed.broadcast_object_list(choice, src=0)
             ckpt_path = choice[0]
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        # last.ckpt was written by LastCheckpoint after the final (or the signalled) step; a checkpoint saved
+        # here would record the epoch as completed and resume with another data order
         last = os.path.join(ckpt_dir, "last.ckpt")
-        trainer.save_checkpoint(last)  # the final state, whatever ckpt_every was
         if trainer.is_global_zero:
-            print(f"[train.py] done: step {trainer.global_step}, checkpoint {last}, logs {trainer.logger.log_dir}")
+            stopped = any(getattr(c, "stopped_at", None) is not None for c in trainer.callbacks)
+            print(f"[train.py] {'stopped' if stopped else 'done'}: step {trainer.global_step}, checkpoint {last}, "
+                  f"logs {trainer.logger.log_dir}")
     finally:
         destroy_process_group()
     return 0

@@ -7,12 +7,18 @@ killed during that copy leaves a truncated ``.ckpt``. :class:`AtomicCheckpointIO
 ``<path>.tmp.<pid>`` next to the target, fsyncs it, and ``os.replace``s it onto ``path`` (atomic on POSIX),
 so a checkpoint path only ever holds a complete file.
 
-:func:`find_resume_checkpoint` picks the newest ``*.ckpt`` of a directory that passes
-:func:`checkpoint_is_complete` (a readable zip archive with its central directory and pickle), warning about
-and skipping truncated or corrupt files (e.g. written by another tool, or a disk that filled up).
+Checksums: every atomic save also writes ``<path>.sha256`` (SHA-256 of the bytes as written, hashed while
+they stream to disk, and the size), atomically and *after* the checkpoint, so a sidecar describes a complete
+file. :func:`verify_checkpoint` recomputes it (streaming, 8 MiB blocks): a payload overwritten in place
+(zip structure intact, e.g. a bad disk block) is caught, which :func:`checkpoint_is_complete` cannot see.
+A checkpoint without a sidecar (written by other code) is accepted when complete.
+
+:func:`find_resume_checkpoint` picks the newest ``*.ckpt`` of a directory that verifies, skipping truncated,
+corrupt or mismatching files with one warning line that names them, the reasons and the choice.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 import zipfile
@@ -21,9 +27,65 @@ from typing import Any, List, Optional, Tuple
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "checkpoint_is_complete", "find_resume_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "checkpoint_is_complete", "find_resume_checkpoint",
+           "verify_checkpoint", "checksum_path", "file_sha256", "check_writable_dir"]
 
 TMP_MARK = ".tmp."
+CHECKSUM_SUFFIX = ".sha256"
+_BLOCK = 8 << 20
+
+
+def checksum_path(path: str) -> str:
+    """The checksum sidecar of checkpoint ``path``: ``<path>.sha256``."""
+    return f"{path}{CHECKSUM_SUFFIX}"
+
+
+def file_sha256(path: str) -> Tuple[str, int]:
+    """(hex SHA-256, size in bytes) of a file, read in 8 MiB blocks."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(_BLOCK)
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+    return h.hexdigest(), n
+
+
+class _HashingWriter:
+    """File wrapper that hashes what ``torch.save`` writes (it only appends); any other call marks it unusable."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n, self.sequential = f, hashlib.sha256(), 0, True
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __getattr__(self, name):  # seek / tell / ...: the stream hash may not be the file's any more
+        self.sequential = False
+        return getattr(self.f, name)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}{TMP_MARK}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _is_local(path: Any) -> bool:
@@ -44,7 +106,8 @@ def _fsync_dir(directory: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` through ``path.tmp.<pid>`` + fsync + ``os.replace``: never a partial ``path``."""
+    """``torch.save(obj, path)`` through ``path.tmp.<pid>`` + fsync + ``os.replace``: never a partial ``path``;
+    then ``path.sha256`` (hex digest, size, name), written the same way."""
     path = str(path)
     if path.startswith("file://"):
         path = path[len("file://"):]
@@ -53,10 +116,16 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}{TMP_MARK}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            w = _HashingWriter(f)
+            torch.save(obj, w)
             f.flush()
             os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
+        digest = w.h.hexdigest() if w.sequential and w.n == size else file_sha256(tmp)[0]
+        # the checkpoint first, its checksum last: a sidecar always describes a complete file (a crash in
+        # between leaves the new file with the old sidecar: it fails verification and is skipped)
         os.replace(tmp, path)
+        _write_atomic(checksum_path(path), f"{digest}  {size}  {os.path.basename(path)}\n".encode())
     except BaseException:
         try:
             os.remove(tmp)
@@ -76,6 +145,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         atomic_torch_save(checkpoint, str(path))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove the checkpoint and its checksum sidecar (e.g. checkpoints beyond ``save_top_k``)."""
+        super().remove_checkpoint(path)
+        if _is_local(path):
+            side = checksum_path(str(path)[len("file://"):] if str(path).startswith("file://") else str(path))
+            if os.path.exists(side):
+                os.remove(side)
 
 
 def checkpoint_is_complete(path: str) -> Tuple[bool, str]:
@@ -98,11 +175,39 @@ def checkpoint_is_complete(path: str) -> Tuple[bool, str]:
     return True, ""
 
 
-def find_resume_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """The newest (by modification time, then name) complete ``*.ckpt`` in ``ckpt_dir``; ``None`` if none.
+def verify_checkpoint(path: str) -> Tuple[bool, str]:
+    """(ok, reason): ``path`` is complete and, when ``<path>.sha256`` exists, matches its size and SHA-256.
 
-    Temporary files of interrupted saves (``*.tmp.<pid>``) are ignored; incomplete or corrupt checkpoints are
-    skipped with a warning naming the file and the reason.
+    Reads the whole file once (streaming); a checkpoint without a sidecar is checked for completeness only.
+    """
+    ok, why = checkpoint_is_complete(path)
+    if not ok:
+        return ok, why
+    side = checksum_path(path)
+    if not os.path.exists(side):
+        return True, ""
+    try:
+        with open(side) as f:
+            fields = f.read().split()
+        want, want_size = fields[0], int(fields[1])
+    except (OSError, ValueError, IndexError) as e:
+        return False, f"unreadable checksum file {os.path.basename(side)} ({type(e).__name__})"
+    try:
+        got, size = file_sha256(path)
+    except OSError as e:
+        return False, f"{type(e).__name__}: {e}"
+    if size != want_size:
+        return False, f"size {size} != {want_size} recorded in {os.path.basename(side)}"
+    if got != want:
+        return False, f"SHA-256 mismatch with {os.path.basename(side)} (corrupted payload)"
+    return True, ""
+
+
+def find_resume_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """The newest (by modification time, then name) verified ``*.ckpt`` in ``ckpt_dir``; ``None`` if none.
+
+    Temporary files of interrupted saves (``*.tmp.<pid>``) are ignored; checkpoints that fail
+    :func:`verify_checkpoint` are skipped, with one warning line naming each file, its reason and the choice.
     """
     if not os.path.isdir(ckpt_dir):
         return None
@@ -111,10 +216,45 @@ def find_resume_checkpoint(ckpt_dir: str) -> Optional[str]:
         p = os.path.join(ckpt_dir, name)
         if name.endswith(".ckpt") and TMP_MARK not in name and os.path.isfile(p):
             cands.append((os.path.getmtime(p), name))
+    skipped: List[str] = []
+    chosen = None
     for _, name in sorted(cands, reverse=True):
         p = os.path.join(ckpt_dir, name)
-        ok, why = checkpoint_is_complete(p)
+        ok, why = verify_checkpoint(p)
         if ok:
-            return p
-        warnings.warn(f"resume=auto: skipping incomplete or corrupt checkpoint {p} ({why})", stacklevel=2)
+            chosen = p
+            break
+        skipped.append(f"{name} ({why})")
+    if skipped:
+        warnings.warn(f"resume=auto: skipping {len(skipped)} incomplete or corrupt checkpoint(s) in {ckpt_dir}: "
+                      f"{'; '.join(skipped)}; resuming from {chosen or 'scratch (none verifies)'}", stacklevel=2)
+    return chosen
+
+
+def check_writable_dir(directory: str) -> Optional[str]:
+    """None if checkpoints can be written into ``directory`` (created if missing), else a one-line reason.
+
+    Creates and removes a small probe file, so permissions, read-only mounts and a full disk show up now
+    rather than at the first save.
+    """
+    directory = str(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        return f"cannot create checkpoint directory {directory}: {e.strerror or e}"
+    if not os.path.isdir(directory):
+        return f"checkpoint directory {directory} is not a directory"
+    probe = os.path.join(directory, f".write_probe{TMP_MARK}{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"checkpoint directory {directory} is not writable: {e.strerror or e}"
+    finally:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
     return None
