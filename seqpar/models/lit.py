@@ -35,14 +35,13 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: Optional[int], min_lr
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adamw_impl(on_cuda: bool, grad_clip) -> dict:
-    """AdamW implementation kwargs: fused on CUDA, except with gradient clipping (Lightning's
-    mixed-precision plugins refuse to clip for an optimizer that unscales internally), then foreach."""
+def adamw_impl(on_cuda: bool, fp16_scaler: bool = False) -> dict:
+    """AdamW implementation kwargs: fused on CUDA (gradient clipping is done by :class:`LitLM` itself, so
+    Lightning's refusal to clip for an optimizer that unscales internally does not apply), foreach under a
+    fp16 GradScaler (a fused step would see scaled gradients at clipping time)."""
     if not on_cuda:
         return {}
-    if grad_clip:
-        return {"foreach": True}
-    return {"fused": True}
+    return {"foreach": True} if fp16_scaler else {"fused": True}
 
 
 class LitLM(pl.LightningModule):
@@ -57,6 +56,9 @@ class LitLM(pl.LightningModule):
         max_steps: end of the cosine schedule; None (or <= 0, Lightning's -1) takes ``trainer.max_steps``
             (or the estimated number of optimizer steps).
         min_lr_ratio: final LR / peak LR of the cosine schedule.
+        grad_clip: clip the global gradient norm to this value before each optimizer step (``None`` or 0:
+            no clipping); done here rather than by Lightning so the fused AdamW can be used. The norm before
+            clipping is kept in ``last_grad_norm`` (a tensor, no host sync).
 
     SP / FSDP: the module holds no parallel plumbing. ``strategy="lightning_sp"`` runs the model through
     ``seqpar.distributed.parallelize`` (which gives every attention layer its SP context, and shards with
@@ -81,6 +83,7 @@ class LitLM(pl.LightningModule):
         warmup_steps: int = 100,
         max_steps: Optional[int] = None,
         min_lr_ratio: float = 0.1,
+        grad_clip: Optional[float] = None,
     ):
         super().__init__()
         if config is None:
@@ -97,14 +100,18 @@ class LitLM(pl.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip >= 0):
+            raise ValueError(f"grad_clip must be None or a number >= 0 (0 disables), got {grad_clip!r}")
         if max_steps is not None and max_steps <= 0:
             max_steps = None  # Lightning's -1 = "unbounded": the schedule then follows the trainer
         self.config = config
         self.save_hyperparameters(
             {"config": config.to_dict(), "lr": lr, "weight_decay": weight_decay, "betas": tuple(betas),
-             "eps": eps, "warmup_steps": warmup_steps, "max_steps": max_steps, "min_lr_ratio": min_lr_ratio}
+             "eps": eps, "warmup_steps": warmup_steps, "max_steps": max_steps, "min_lr_ratio": min_lr_ratio,
+             "grad_clip": grad_clip}
         )
         self.model = TransNormerLLM(config)
+        self.last_grad_norm: Optional[torch.Tensor] = None
         self._last_step_time: Optional[float] = None
 
     def _sp_size(self) -> int:
@@ -199,10 +206,19 @@ class LitLM(pl.LightningModule):
                 pass
         return None
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        clip = self.hparams.get("grad_clip")
+        if clip:
+            params = [p for p in self.parameters() if p.grad is not None]
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, float(clip)).detach()
+
     def configure_optimizers(self):
         h = self.hparams
-        clip = getattr(self._trainer, "gradient_clip_val", None) if self._trainer is not None else None
-        kwargs = adamw_impl(next(self.model.parameters()).is_cuda, clip)
+        trainer = self._trainer
+        trainer_clip = getattr(trainer, "gradient_clip_val", None) if trainer is not None else None
+        fp16 = str(getattr(trainer, "precision", "")).startswith("16") if trainer is not None else False
+        # Lightning's own clipping (Trainer(gradient_clip_val=...)) refuses a fused optimizer: foreach then
+        kwargs = adamw_impl(next(self.model.parameters()).is_cuda, fp16_scaler=fp16 or bool(trainer_clip))
         opt = torch.optim.AdamW(self.param_groups(), lr=h.lr, betas=tuple(h.betas), eps=h.eps, **kwargs)
         total, warmup, min_ratio = self._total_steps(), int(h.warmup_steps), float(h.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(

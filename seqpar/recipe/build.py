@@ -76,6 +76,7 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
         model = LitLM(
             model_cfg, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
             warmup_steps=o.warmup_steps, max_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
+            grad_clip=o.grad_clip or None,  # clipped by LitLM, so AdamW stays fused on the GPU
         )
     except (ValueError, TypeError, OSError) as e:
         raise ConfigError(f"data: {e}" if "data" not in str(e).split(":")[0] else str(e)) from None
@@ -145,7 +146,7 @@ def _make_trainer(t, o, layout, strategy, precision, callbacks, checkpoint_io):
     return pl.Trainer(
         accelerator=layout["accelerator"], devices=layout["devices"], num_nodes=layout["num_nodes"],
         strategy=strategy, precision=precision, max_steps=t.max_steps, max_epochs=-1,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=o.grad_clip or None,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=None,
         log_every_n_steps=t.log_every, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
         logger=_make_logger(t), callbacks=callbacks,

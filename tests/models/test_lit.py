@@ -115,10 +115,27 @@ def test_trainer_fit_logs_and_learns(tmp_path):
         assert torch.equal(p, q), n
 
 
-def test_adamw_is_fused_on_cuda_only_without_gradient_clipping():
+def test_adamw_is_fused_on_cuda_unless_a_fp16_scaler_or_lightning_clips():
     from seqpar.models.lit import adamw_impl
 
-    assert adamw_impl(False, 1.0) == {} and adamw_impl(False, None) == {}
-    assert adamw_impl(True, None) == {"fused": True} and adamw_impl(True, 0.0) == {"fused": True}
-    # Lightning's bf16/16-mixed plugins raise on clipping with a fused (self-unscaling) optimizer
-    assert adamw_impl(True, 1.0) == {"foreach": True}
+    assert adamw_impl(False) == {} and adamw_impl(False, True) == {}
+    assert adamw_impl(True) == {"fused": True}
+    # a fp16 GradScaler / Lightning's own clipping refuse a fused (self-unscaling) optimizer
+    assert adamw_impl(True, fp16_scaler=True) == {"foreach": True}
+
+
+def test_litlm_clips_the_global_gradient_norm_itself():
+    lit = LitLM("tiny", grad_clip=0.05)
+    x = torch.randint(0, 256, (2, 32))
+    lit.model(x, labels=x).loss.backward()
+    grads = [p.grad.clone() for p in lit.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert norm > 0.05
+    lit.on_before_optimizer_step(None)
+    torch.testing.assert_close(lit.last_grad_norm, norm)
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in lit.parameters()]))
+    torch.testing.assert_close(clipped, torch.tensor(0.05), rtol=1e-4, atol=0)
+    for g, p in zip(grads, lit.parameters()):  # one common factor
+        torch.testing.assert_close(p.grad, g * (0.05 / norm), rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="grad_clip"):
+        LitLM("tiny", grad_clip=-1)
