@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Batched single-GPU checks of the newer pieces, then timings; results under $OUT (default benchmarks/results).
+#   bash benchmarks/gpu_checks.sh tests     GPU tests: kernels (incl. fused head, custom ops, sync-free varlen),
+#                                           chunked training, SP/FSDP over gloo with processes sharing the GPU
+#   bash benchmarks/gpu_checks.sh train     profile of tnl-0.4b/1b at 32K, bench_train vs compiled LLaMA,
+#                                           train.py per-step lines, longest chunked sequence, tnl-3b with fsdp
+# Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+what=${1:-tests}
+if [[ $what == tests ]]; then
+  timeout 420 python3 -m pytest -n 12 -q -p no:cacheprovider -m gpu tests/kernels tests/models 2>&1 \
+    | tee "$OUT/gpu_tests_kernels_models.log" | tail -15
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/distributed/test_parallelize.py \
+    tests/distributed/test_sp_consistency.py -k "gpu" -rs 2>&1 | tee "$OUT/gpu_tests_distributed.log" | tail -8
+fi
+if [[ $what == train ]]; then
+  timeout 200 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-ckpt,ac0-fused \
+    --steps 3 --warmup 2 --out "$OUT" 2>&1 | grep -E "^tnl|^\|" | tail -6
+  timeout 220 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768 --tokens 32768 \
+    --steps 3 --warmup 2 --ac 0 --compile 1 --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+fi
+if [[ $what == long ]]; then
+  timeout 300 python3 benchmarks/bench_train.py --longest --seq-chunk 65536 --ac 1 --models tnl-0.4b \
+    --start-tokens 1048576 --max-tokens 4194304 --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+  timeout 240 python3 train.py --config configs/tnl-3b.yaml parallel.sp=1 parallel.fsdp=true trainer.devices=1 \
+    data.seq_len=32768 model.overrides.activation_checkpointing=true trainer.max_steps=6 trainer.log_every=1 \
+    trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/tnl3b_fsdp1 2>&1 | grep -E "step|done|Error" | tail -8
+  python3 benchmarks/memory_plan.py --models tnl-3b --worlds 1 --tokens 32768 2>&1 | tail -6
+fi
