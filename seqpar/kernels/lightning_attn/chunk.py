@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from . import varlen
+
 CHUNK = 64  # tokens per chunk (BT)
 # Debug aid: fill outputs with NaN before the kernels run, so an element no program writes shows up.
 POISON = os.environ.get("SEQPAR_POISON", "0") not in ("", "0")
@@ -670,8 +672,9 @@ class _Plan:
     def __init__(self, B: int, T: int, H: int, D: int, E: int, cu_seqlens, device, seg_chunks=None):
         self.B, self.T, self.H, self.D, self.E = B, T, H, D, E
         self.is_varlen = cu_seqlens is not None
+        self._lens_t = self._t_local = None
         if self.is_varlen:
-            offs = cu_seqlens.tolist()
+            offs = varlen.offsets(cu_seqlens)
             self.N = len(offs) - 1
             lens = [b - a for a, b in zip(offs, offs[1:])]
         else:
@@ -746,12 +749,46 @@ class _Plan:
         return self._lb
 
     def t_local(self, device) -> torch.Tensor:
-        """[B*T] position of each token inside its sequence (fp32)."""
-        if not self.is_varlen:
-            return torch.arange(self.T, device=device, dtype=torch.float32).repeat(self.B)
-        lens = torch.tensor(self.lens, device=device)
-        ids = torch.repeat_interleave(torch.arange(self.N, device=device), lens)
-        return (torch.arange(self.T, device=device) - self.cu.long()[ids]).float()
+        """[B*T] position of each token inside its sequence (fp32), built once per plan."""
+        if self._t_local is None:
+            if not self.is_varlen:
+                self._t_local = torch.arange(self.T, device=device, dtype=torch.float32).repeat(self.B)
+            else:
+                ids = torch.repeat_interleave(torch.arange(self.N, device=device), self.lens_t(device).long(),
+                                              output_size=self.T)
+                self._t_local = (torch.arange(self.T, device=device) - self.cu.long()[ids]).float()
+        return self._t_local
+
+    def lens_t(self, device) -> torch.Tensor:
+        """[N] sequence lengths (fp32) on the device, built once per plan."""
+        if self._lens_t is None:
+            self._lens_t = torch.tensor(self.lens, dtype=torch.float32).to(device, non_blocking=True)
+        return self._lens_t
+
+
+# Plans of dense calls by shape and settings (varlen plans live on their cu_seqlens tensor).
+_DENSE_PLANS: dict = {}
+
+
+def _plan_key(B, T, H, D, E, device, seg_chunks) -> tuple:
+    """Everything a plan depends on: the shape, the device and the segment settings."""
+    return (B, T, H, D, E, str(device), seg_chunks, SEG_CHUNKS, str(CONFIG["lookback"]), CONFIG["lb_chunks"],
+            CONFIG["waves"], CONFIG["seg_max"], str(CONFIG.get("seg_long")), CONFIG["fwd"]["BLK"])
+
+
+def get_plan(B, T, H, D, E, cu_seqlens, device, seg_chunks=None) -> "_Plan":
+    """The plan of one call, built once per shape (dense) or per cu_seqlens tensor (varlen): every
+    layer of a step, and the backward, reuse it without reading cu_seqlens again."""
+    key = _plan_key(B, T, H, D, E, device, seg_chunks)
+    if cu_seqlens is not None:
+        return varlen.cached(cu_seqlens, ("plan",) + key,
+                             lambda _: _Plan(B, T, H, D, E, cu_seqlens, device, seg_chunks))
+    plan = _DENSE_PLANS.get(key)
+    if plan is None:
+        if len(_DENSE_PLANS) > 256:
+            _DENSE_PLANS.clear()
+        plan = _DENSE_PLANS[key] = _Plan(B, T, H, D, E, None, device, seg_chunks)
+    return plan
 
 
 _DUMMIES: dict = {}
@@ -1134,11 +1171,11 @@ class LightningAttnFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         s = slopes.detach().float().contiguous()
         h0 = initial_state.detach().float().contiguous() if initial_state is not None else None
-        plan = _Plan(B, T, H, D, E, cu_seqlens, q.device, seg_chunks)
+        plan = get_plan(B, T, H, D, E, cu_seqlens, q.device, seg_chunks)
         mode = CONFIG["lookback"]
         if mode not in (True, False, "fwd"):
             raise ValueError(f'CONFIG["lookback"] must be True, False or "fwd", got {mode!r}')
-        plan.lookback = mode is True  # look-back backward too
+        ctx.lookback = mode is True  # look-back backward too
         with _on(q.device):
             if mode is True:
                 o, ht, _ = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan)
@@ -1166,7 +1203,7 @@ class LightningAttnFunction(torch.autograd.Function):
         do = do.contiguous()
         dht_f = dht.float().contiguous() if dht is not None else None
         with _on(q.device):
-            if plan.lookback:
+            if ctx.lookback:
                 dq, dk, dv, dh0, dG = lightning_attn_bwd_lb(q, k, v, do, dht_f, s, ctx.scale, hbuf, plan, compute_dg)
             else:
                 dq, dk, dv, dh0, dG = lightning_attn_bwd(
@@ -1177,7 +1214,7 @@ class LightningAttnFunction(torch.autograd.Function):
             w = plan.t_local(q.device) + 1.0  # [B*T]
             ds = -(w[:, None] * dG).sum(0)
             if dht_f is not None:
-                lens = torch.tensor(plan.lens, device=q.device, dtype=torch.float32)
+                lens = plan.lens_t(q.device)
                 ds = ds - (lens[:, None] * (dht_f * ht).sum((-1, -2))).sum(0)
             dslopes = ds.to(ctx.slopes_dtype)
         if dh0 is not None:
