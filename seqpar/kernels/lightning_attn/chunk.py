@@ -1222,6 +1222,31 @@ class LightningAttnFunction(torch.autograd.Function):
         return dq, dk, dv, dslopes, None, dh0, None, None
 
 
+class _Ctx:
+    """The parts of an autograd context LightningAttnFunction uses, to run its forward and backward as
+    plain functions (inside a custom op, below the autograd dispatch key)."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *xs):
+        self.saved_tensors = xs
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do, dht, seg_chunks=None):
+    """Forward then backward of the kernels without autograd: (dq, dk, dv, dslopes, dh0 or None).
+
+    Shapes as in :func:`chunk_lightning_attn`; do [B, T, H, E], dht [N, H, D, E] (or None)."""
+    ctx = _Ctx((True, True, True, True, False, initial_state is not None, False, False))
+    LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks)
+    dq, dk, dv, ds, _, dh0, _, _ = LightningAttnFunction.backward(ctx, do, dht)
+    return dq, dk, dv, ds, dh0
+
+
 def chunk_lightning_attn(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -160,6 +160,15 @@ def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) 
     return N, backend
 
 
+def _static_backend(q, backend) -> str:
+    """The backend of a traced call (checks that need no tensor values)."""
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    return backend
+
+
 def lightning_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -185,6 +194,15 @@ def lightning_attn(
         o [B, T, H, E] in the input dtype, and ht [N, H, D, E] or None: fp32 (fp64 for fp64 inputs,
         torch backend only, which keeps fp64 computations an fp64 reference end to end).
     """
+    if torch.compiler.is_compiling():
+        # traced by torch.compile: the checks that read values (cu_seqlens, slopes) would break the
+        # graph; the op runs as one custom op (ops.py), whose eager implementation reads cu_seqlens
+        backend = _static_backend(q, backend)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        from .ops import lightning_attn_fwd_op
+
+        o, ht = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+        return o, (ht if output_final_state else None)
     _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":
