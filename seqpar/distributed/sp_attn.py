@@ -39,6 +39,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..kernels.lightning_attn import lightning_attn
+from ..kernels.lightning_attn import varlen
 from ..kernels.lightning_attn.interface import validate_inputs
 from . import comm
 
@@ -322,6 +323,14 @@ def local_cu_seqlens(
     return local, first, last, bool(starts)
 
 
+def _local_cu_on(cu_seqlens: torch.Tensor, offs, offset: int, length: int):
+    """local_cu_seqlens of host offsets, its tensor moved to cu_seqlens' device and dtype without a sync."""
+    local, first, last, resets = local_cu_seqlens(list(offs), offset, length)
+    if local is not None:
+        local = local.to(cu_seqlens.dtype).to(cu_seqlens.device, non_blocking=True)
+    return local, first, last, resets
+
+
 def sp_lightning_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -396,7 +405,7 @@ def _local_plan(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset,
             raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of global document offsets")
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
-        cu_list = cu_seqlens.tolist()  # one host sync
+        cu_list = varlen.offsets(cu_seqlens)  # one host read per tensor, shared by every layer
         total = cu_list[-1]
         if cu_list[0] != 0 or any(b < a for a, b in zip(cu_list, cu_list[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_list[:8]}...")
@@ -410,9 +419,11 @@ def _local_plan(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset,
             shard_offset = r * L
         elif not (0 <= shard_offset and shard_offset + L <= total):
             raise ValueError(f"shard_offset {shard_offset} + T_local {L} exceeds cu_seqlens[-1] = {total}")
-        local_cu, first, last, resets = local_cu_seqlens(cu_list, int(shard_offset), L)
-        if local_cu is not None:
-            local_cu = local_cu.to(cu_seqlens.device, cu_seqlens.dtype)
+        # the local offsets tensor is built once per (cu_seqlens, shard): the same object in every layer,
+        # so the local kernel's plan is cached on it too
+        local_cu, first, last, resets = varlen.cached(
+            cu_seqlens, ("sp_local", int(shard_offset), L), lambda offs: _local_cu_on(cu_seqlens, offs, int(shard_offset), L)
+        )
     return scale, local_cu, first, last, resets, (cu_list if cu_seqlens is not None else None)
 
 

@@ -51,6 +51,15 @@ def test_negative_or_nonfinite_slopes():
         lightning_attn(q, k, v, torch.tensor([0.1, -0.2]))
     with pytest.raises(ValueError, match="slopes must be finite and non-negative"):
         lightning_attn(q, k, v, torch.tensor([0.1, float("nan")]))
+    # the message names the bad value, not the minimum of the others
+    with pytest.raises(ValueError, match=r"slopes\[1\] = inf"):
+        lightning_attn(q, k, v, torch.tensor([0.0, float("inf")]))
+    with pytest.raises(ValueError, match=r"slopes\[0\] = -0.5"):
+        lightning_attn(q, k, v, torch.tensor([-0.5, 0.1]))
+    # learnable slopes (computed in the graph) are checked too on CPU
+    log_s = torch.tensor([0.0, 1000.0], requires_grad=True)
+    with pytest.raises(ValueError, match=r"slopes\[1\] = inf"):
+        lightning_attn(q, k, v, log_s.exp())
 
 
 def test_cu_seqlens():

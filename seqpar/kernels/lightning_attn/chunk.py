@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from . import varlen
+
 CHUNK = 64  # tokens per chunk (BT)
 # Debug aid: fill outputs with NaN before the kernels run, so an element no program writes shows up.
 POISON = os.environ.get("SEQPAR_POISON", "0") not in ("", "0")
@@ -73,6 +75,8 @@ CONFIG = {
     # (slower there: 6.95 ms fwd+bwd), segments of lb_chunks chunks; False: no look-back
     # (benchmarks/NOTES_kernel.md)
     "lookback": "fwd",
+    # state products of bf16 inputs (_state_mode): "split" (default), "tf32" or "bf16"
+    "state_bf16": "split",
     "lb_chunks": 4,
     # compute dk in the dv kernel (one reverse walk instead of two) when one E block ("dv", or "dv_fused"
     # for D * E <= 128 * 128 at 8 warps) covers E (H100, B4 H16 T32K D128: 4.76 -> 4.37 ms fwd+bwd)
@@ -140,6 +144,34 @@ def _dot(a, b, PREC: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
+def _sdot(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
+    """a @ b for a state product: a is an input tile (exact in its dtype), b an fp32 tile (a state or
+    decay-weighted rows). STATE: 0 rounds b to a's dtype; 1 fp32 operands (PREC: tf32 or ieee on GPU);
+    2 splits b = hi + lo into two tiles of a's dtype (two dots, ~16 significant bits for bf16)."""
+    if STATE == 2:
+        hi = b.to(a.dtype)
+        lo = (b - hi.to(tl.float32)).to(a.dtype)
+        return _dot(a, hi, PREC, UP) + _dot(a, lo, PREC, UP)
+    elif STATE == 1:
+        return _dot(a.to(tl.float32), b, PREC, UP)
+    else:
+        return _dot(a, b.to(a.dtype), PREC, UP)
+
+
+@triton.jit
+def _sdot_l(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
+    """a @ b with a the fp32 tile and b the input tile (see _sdot)."""
+    if STATE == 2:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        return _dot(hi, b, PREC, UP) + _dot(lo, b, PREC, UP)
+    elif STATE == 1:
+        return _dot(a, b.to(tl.float32), PREC, UP)
+    else:
+        return _dot(a.to(b.dtype), b, PREC, UP)
+
+
+@triton.jit
 def _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN: tl.constexpr):
     """(sequence index, first token of the sequence, segment start, segment end) in flat tokens."""
     if IS_VARLEN:
@@ -162,6 +194,7 @@ def _seg_state_kernel(
     T, H, D, E, NS, SEG_T, w_scale,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     FROM_END: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+    STATE: tl.constexpr,
 ):
     """out[seg, h] = w_scale * sum_t w_t a_t^T b_t over the tokens of one segment.
 
@@ -197,8 +230,7 @@ def _seg_state_kernel(
         else:
             ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
         w = tl.exp(-slope * ex)
-        aT = (aT.to(tl.float32) * w[None, :]).to(bb.dtype)
-        acc += _dot(aT, bb, PREC, UP)
+        acc += _sdot_l(aT.to(tl.float32) * w[None, :], bb, STATE, PREC, UP)
     acc = acc * w_scale
     base = (pid_s.to(tl.int64) * H + h) * D * E
     tl.store(out_ptr + base + o_d[:, None] * E + o_e[None, :], acc, mask=m_d[:, None] & m_e[None, :])
@@ -265,7 +297,7 @@ def _fwd_out_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, hbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     NEB = tl.cdiv(E, BE)
@@ -301,12 +333,8 @@ def _fwd_out_kernel(
         # (fp32 copies of those spill registers at D = 128)
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         vd = v.to(tl.float32) * k_w[:, None]
-        if STATE_FP32:
-            o += _dot(q.to(tl.float32), S, PREC, UP) * q_w[:, None]
-            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kT.to(tl.float32), vd, PREC, UP)
-        else:
-            o += _dot(q, S.to(q.dtype), PREC, UP) * q_w[:, None]
-            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(kT, vd.to(v.dtype), PREC, UP)
+        o += _sdot(q, S, STATE, PREC, UP) * q_w[:, None]
+        S = S * tl.exp(-slope * L.to(tl.float32)) + _sdot(kT, vd, STATE, PREC, UP)
         o = o * scale
         tl.store(o_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_e[None, :])
@@ -318,7 +346,7 @@ def _bwd_dqdk_kernel(
     slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T, NTOK,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
     DO_DK: tl.constexpr, STORE_G: tl.constexpr,
 ):
     """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
@@ -365,17 +393,13 @@ def _bwd_dqdk_kernel(
             # N_s += q^T (lambda^(t-start+1) do): the weight scales the rows of the [BT, BD] q block
             qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
             g_w = tl.exp(-slope * tl.where(m_t, tok - start + 1, 0).to(tl.float32))
-            G += _dot((qT.to(tl.float32) * g_w[None, :]).to(do.dtype), do, PREC, UP)
+            G += _sdot_l(qT.to(tl.float32) * g_w[None, :], do, STATE, PREC, UP)
         A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
         dq = _dot(A2.to(k.dtype), k, PREC, UP)
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         kd = k.to(tl.float32) * k_w[:, None]
-        if STATE_FP32:
-            dq += _dot(do.to(tl.float32), ST, PREC, UP) * q_w[:, None]
-            ST = ST * tl.exp(-slope * L.to(tl.float32)) + _dot(vT.to(tl.float32), kd, PREC, UP)
-        else:
-            dq += _dot(do, ST.to(do.dtype), PREC, UP) * q_w[:, None]
-            ST = ST * tl.exp(-slope * L.to(tl.float32)) + _dot(vT, kd.to(vT.dtype), PREC, UP)
+        dq += _sdot(do, ST, STATE, PREC, UP) * q_w[:, None]
+        ST = ST * tl.exp(-slope * L.to(tl.float32)) + _sdot(vT, kd, STATE, PREC, UP)
         dq = dq * scale
         m_td = m_t[:, None] & m_d[None, :]
         tl.store(dq_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_td)
@@ -404,12 +428,8 @@ def _bwd_dqdk_kernel(
             dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
             k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
             qd = q.to(tl.float32) * (q_w * scale)[:, None]
-            if STATE_FP32:
-                dk += _dot(v.to(tl.float32), RT, PREC, UP) * k_w[:, None]
-                RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT.to(tl.float32), qd, PREC, UP)
-            else:
-                dk += _dot(v, RT.to(v.dtype), PREC, UP) * k_w[:, None]
-                RT = RT * tl.exp(-slope * L.to(tl.float32)) + _dot(doT, qd.to(doT.dtype), PREC, UP)
+            dk += _sdot(v, RT, STATE, PREC, UP) * k_w[:, None]
+            RT = RT * tl.exp(-slope * L.to(tl.float32)) + _sdot(doT, qd, STATE, PREC, UP)
             tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
             if COMPUTE_DG:
                 k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
@@ -422,7 +442,7 @@ def _bwd_dv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dk_ptr, dgk_ptr, gbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
     DO_DK: tl.constexpr, COMPUTE_DG: tl.constexpr,
 ):
     """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block.
@@ -464,12 +484,7 @@ def _bwd_dv_kernel(
         dv = _dot(AT.to(do.dtype), do, PREC, UP) * scale
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         # dv is finished and stored before dk starts (one [BT, BE] fp32 accumulator live at a time)
-        if STATE_FP32:
-            Rc = R
-            dv += _dot(k.to(tl.float32), Rc, PREC, UP) * k_w[:, None]
-        else:
-            Rc = R.to(k.dtype)
-            dv += _dot(k, Rc, PREC, UP) * k_w[:, None]
+        dv += _sdot(k, R, STATE, PREC, UP) * k_w[:, None]
         tl.store(dv_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_e[None, :])
         if DO_DK:
@@ -477,19 +492,13 @@ def _bwd_dv_kernel(
             v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
             A2T = _dot(v, tl.trans(do), PREC, UP) * decayT  # [j, i]
             dk = _dot(A2T.to(qT.dtype), tl.trans(qT), PREC, UP) * scale
-            if STATE_FP32:
-                dk += _dot(v.to(tl.float32), tl.trans(Rc), PREC, UP) * k_w[:, None]
-            else:
-                dk += _dot(v, tl.trans(Rc), PREC, UP) * k_w[:, None]
+            dk += _sdot(v, tl.trans(R), STATE, PREC, UP) * k_w[:, None]
             tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
             if COMPUTE_DG:
                 g = tl.sum(k.to(tl.float32) * dk, axis=1)
                 tl.store(dgk_ptr + tok64 * H + h, g, mask=m_t)
         dod = do.to(tl.float32) * q_w[:, None]
-        if STATE_FP32:
-            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qT.to(tl.float32), dod, PREC, UP)
-        else:
-            R = R * tl.exp(-slope * L.to(tl.float32)) + _dot(qT, dod.to(do.dtype), PREC, UP)
+        R = R * tl.exp(-slope * L.to(tl.float32)) + _sdot(qT, dod, STATE, PREC, UP)
 
 
 @triton.jit(do_not_specialize=["T", "N", "NP", "PF_T", "NTOK"])
@@ -499,7 +508,7 @@ def _lb_walk_kernel(
     alpha, gamma, beta, T, H, DA, DC, N, NP, PF_T, NTOK,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
     REVERSE: tl.constexpr, TRANS_INIT: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FIN: tl.constexpr,
-    STORE_SBUF: tl.constexpr, COMPUTE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_FP32: tl.constexpr, PREC: tl.constexpr,
+    STORE_SBUF: tl.constexpr, COMPUTE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr,
     UP: tl.constexpr,
 ):
     """One-pass chunk walk with a chained look-back between consecutive segments of a sequence.
@@ -573,8 +582,7 @@ def _lb_walk_kernel(
         else:
             ex = tl.where(m_t, end - 1 - tok, 0).to(tl.float32)
         w = tl.exp(-slope * ex)
-        cw = (cc.to(tl.float32) * w[:, None]).to(cc.dtype)
-        M += _dot(bT, cw, PREC, UP)
+        M += _sdot(bT, cc.to(tl.float32) * w[:, None], STATE, PREC, UP)
     M = M * beta
 
     # (2) state entering the segment; publish the state leaving it
@@ -642,12 +650,8 @@ def _lb_walk_kernel(
             aw = w_in * gamma
             bw = w_L * beta
         cd = cc.to(tl.float32) * bw[:, None]
-        if STATE_FP32:
-            out += _dot(a.to(tl.float32), S, PREC, UP) * aw[:, None]
-            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(bT.to(tl.float32), cd, PREC, UP)
-        else:
-            out += _dot(a, S.to(a.dtype), PREC, UP) * aw[:, None]
-            S = S * tl.exp(-slope * L.to(tl.float32)) + _dot(bT, cd.to(cc.dtype), PREC, UP)
+        out += _sdot(a, S, STATE, PREC, UP) * aw[:, None]
+        S = S * tl.exp(-slope * L.to(tl.float32)) + _sdot(bT, cd, STATE, PREC, UP)
         tl.store(out_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], out.to(out_ptr.dtype.element_ty), mask=m_tc)
         if COMPUTE_DG:
             x = tl.load(x_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
@@ -668,8 +672,9 @@ class _Plan:
     def __init__(self, B: int, T: int, H: int, D: int, E: int, cu_seqlens, device, seg_chunks=None):
         self.B, self.T, self.H, self.D, self.E = B, T, H, D, E
         self.is_varlen = cu_seqlens is not None
+        self._lens_t = self._t_local = None
         if self.is_varlen:
-            offs = cu_seqlens.tolist()
+            offs = varlen.offsets(cu_seqlens)
             self.N = len(offs) - 1
             lens = [b - a for a, b in zip(offs, offs[1:])]
         else:
@@ -744,12 +749,46 @@ class _Plan:
         return self._lb
 
     def t_local(self, device) -> torch.Tensor:
-        """[B*T] position of each token inside its sequence (fp32)."""
-        if not self.is_varlen:
-            return torch.arange(self.T, device=device, dtype=torch.float32).repeat(self.B)
-        lens = torch.tensor(self.lens, device=device)
-        ids = torch.repeat_interleave(torch.arange(self.N, device=device), lens)
-        return (torch.arange(self.T, device=device) - self.cu.long()[ids]).float()
+        """[B*T] position of each token inside its sequence (fp32), built once per plan."""
+        if self._t_local is None:
+            if not self.is_varlen:
+                self._t_local = torch.arange(self.T, device=device, dtype=torch.float32).repeat(self.B)
+            else:
+                ids = torch.repeat_interleave(torch.arange(self.N, device=device), self.lens_t(device).long(),
+                                              output_size=self.T)
+                self._t_local = (torch.arange(self.T, device=device) - self.cu.long()[ids]).float()
+        return self._t_local
+
+    def lens_t(self, device) -> torch.Tensor:
+        """[N] sequence lengths (fp32) on the device, built once per plan."""
+        if self._lens_t is None:
+            self._lens_t = torch.tensor(self.lens, dtype=torch.float32).to(device, non_blocking=True)
+        return self._lens_t
+
+
+# Plans of dense calls by shape and settings (varlen plans live on their cu_seqlens tensor).
+_DENSE_PLANS: dict = {}
+
+
+def _plan_key(B, T, H, D, E, device, seg_chunks) -> tuple:
+    """Everything a plan depends on: the shape, the device and the segment settings."""
+    return (B, T, H, D, E, str(device), seg_chunks, SEG_CHUNKS, str(CONFIG["lookback"]), CONFIG["lb_chunks"],
+            CONFIG["waves"], CONFIG["seg_max"], str(CONFIG.get("seg_long")), CONFIG["fwd"]["BLK"])
+
+
+def get_plan(B, T, H, D, E, cu_seqlens, device, seg_chunks=None) -> "_Plan":
+    """The plan of one call, built once per shape (dense) or per cu_seqlens tensor (varlen): every
+    layer of a step, and the backward, reuse it without reading cu_seqlens again."""
+    key = _plan_key(B, T, H, D, E, device, seg_chunks)
+    if cu_seqlens is not None:
+        return varlen.cached(cu_seqlens, ("plan",) + key,
+                             lambda _: _Plan(B, T, H, D, E, cu_seqlens, device, seg_chunks))
+    plan = _DENSE_PLANS.get(key)
+    if plan is None:
+        if len(_DENSE_PLANS) > 256:
+            _DENSE_PLANS.clear()
+        plan = _DENSE_PLANS[key] = _Plan(B, T, H, D, E, None, device, seg_chunks)
+    return plan
 
 
 _DUMMIES: dict = {}
@@ -765,6 +804,22 @@ def _dummy(device):
 
 def _up(x) -> bool:
     return x.dtype == torch.bfloat16 and not x.is_cuda
+
+
+_STATE_MODES = {"bf16": 0, "tf32": 1, "split": 2}
+
+
+def _state_mode(dtype) -> int:
+    """STATE constexpr of the kernels (see _sdot): fp32 and fp16 inputs take fp32 operands (fp16 cannot
+    hold a large state); bf16 inputs follow CONFIG["state_bf16"]: "split" (hi + lo bf16 tiles, default),
+    "tf32" (fp32 operands) or "bf16" (state and decayed rows rounded to bf16: the least work, an output
+    error ~3x and a state error ~1e4x the fp32 path's, and a slope gradient that degrades with T)."""
+    if dtype != torch.bfloat16:
+        return 1
+    mode = CONFIG.get("state_bf16", "split")
+    if mode not in _STATE_MODES:
+        raise ValueError(f'CONFIG["state_bf16"] must be one of {sorted(_STATE_MODES)}, got {mode!r}')
+    return _STATE_MODES[mode]
 
 
 def _prec(dtype) -> str:
@@ -887,6 +942,7 @@ def _seg_states(a, b, slopes, plan, w_scale, from_end, prec):
         plan.segstart if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T, float(w_scale),
         BT=CHUNK, BD=BD, BE=BE, FROM_END=from_end, IS_VARLEN=plan.is_varlen, PREC=prec, UP=_up(a),
+        STATE=_state_mode(a.dtype),
         **_launch("seg", D, E),
     )
     return out
@@ -922,7 +978,7 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
     H, D, E = plan.H, plan.D, plan.E
     dev = q.device
     prec = _prec(q.dtype)
-    state_fp32 = q.dtype != torch.bfloat16
+    state_mode = _state_mode(q.dtype)
     hbuf = _seg_states(k, v, slopes, plan, 1.0, True, prec)
     ht = _scan(hbuf, h0, slopes, plan, reverse=False, store_fin=True)
     o = _new(v.shape, q.dtype, dev)
@@ -934,7 +990,7 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan):
             _fwd_out_kernel, grid,
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
-            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
+            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
             **_launch("fwd", D, E),
         )
     return o, ht, hbuf
@@ -949,7 +1005,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
     H, D, E = plan.H, plan.D, plan.E
     dev = q.device
     prec = _prec(q.dtype)
-    state_fp32 = q.dtype != torch.bfloat16
+    state_mode = _state_mode(q.dtype)
     dq = _new(q.shape, q.dtype, dev)
     dk = _new(k.shape, k.dtype, dev)
     dv = _new(v.shape, v.dtype, dev)
@@ -985,7 +1041,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
             _bwd_dqdk_kernel, (plan.NSEG * H * NDB,),
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
-            BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
+            BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
             COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, **_launch("dqdk", D, E),
         )
 
@@ -1001,7 +1057,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, co
         _bwd_dv_kernel, (plan.NSEG * H * _cdiv(E, BEv),),
         q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
         float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
-        BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE_FP32=state_fp32, PREC=prec, UP=_up(q),
+        BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
         DO_DK=fuse, COMPUTE_DG=compute_dg, **_launch(kind_v, D, E),
     )
     dG = dgq.sum(0) - dgk.sum(0) if compute_dg else None
@@ -1033,7 +1089,7 @@ def _lb_walk(a, b, c, out, slopes, plan, kind, reverse, init, trans_init, fin, a
         float(alpha), float(gamma), float(beta), plan.T, H, DA, DC, plan.N, NP, pf_t, a.shape[0] * a.shape[1],
         BT=CHUNK, BK=BK, BC=BC, REVERSE=reverse, TRANS_INIT=trans_init, HAS_INIT=init is not None,
         STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None, IS_VARLEN=plan.is_varlen,
-        STATE_FP32=a.dtype != torch.bfloat16, PREC=_prec(a.dtype), UP=_up(a), **_launch(kind, DA, DC),
+        STATE=_state_mode(a.dtype), PREC=_prec(a.dtype), UP=_up(a), **_launch(kind, DA, DC),
     )
 
 
@@ -1115,11 +1171,11 @@ class LightningAttnFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         s = slopes.detach().float().contiguous()
         h0 = initial_state.detach().float().contiguous() if initial_state is not None else None
-        plan = _Plan(B, T, H, D, E, cu_seqlens, q.device, seg_chunks)
+        plan = get_plan(B, T, H, D, E, cu_seqlens, q.device, seg_chunks)
         mode = CONFIG["lookback"]
         if mode not in (True, False, "fwd"):
             raise ValueError(f'CONFIG["lookback"] must be True, False or "fwd", got {mode!r}')
-        plan.lookback = mode is True  # look-back backward too
+        ctx.lookback = mode is True  # look-back backward too
         with _on(q.device):
             if mode is True:
                 o, ht, _ = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan)
@@ -1147,7 +1203,7 @@ class LightningAttnFunction(torch.autograd.Function):
         do = do.contiguous()
         dht_f = dht.float().contiguous() if dht is not None else None
         with _on(q.device):
-            if plan.lookback:
+            if ctx.lookback:
                 dq, dk, dv, dh0, dG = lightning_attn_bwd_lb(q, k, v, do, dht_f, s, ctx.scale, hbuf, plan, compute_dg)
             else:
                 dq, dk, dv, dh0, dG = lightning_attn_bwd(
@@ -1158,12 +1214,37 @@ class LightningAttnFunction(torch.autograd.Function):
             w = plan.t_local(q.device) + 1.0  # [B*T]
             ds = -(w[:, None] * dG).sum(0)
             if dht_f is not None:
-                lens = torch.tensor(plan.lens, device=q.device, dtype=torch.float32)
+                lens = plan.lens_t(q.device)
                 ds = ds - (lens[:, None] * (dht_f * ht).sum((-1, -2))).sum(0)
             dslopes = ds.to(ctx.slopes_dtype)
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
         return dq, dk, dv, dslopes, None, dh0, None, None
+
+
+class _Ctx:
+    """The parts of an autograd context LightningAttnFunction uses, to run its forward and backward as
+    plain functions (inside a custom op, below the autograd dispatch key)."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *xs):
+        self.saved_tensors = xs
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do, dht, seg_chunks=None):
+    """Forward then backward of the kernels without autograd: (dq, dk, dv, dslopes, dh0 or None).
+
+    Shapes as in :func:`chunk_lightning_attn`; do [B, T, H, E], dht [N, H, D, E] (or None)."""
+    ctx = _Ctx((True, True, True, True, False, initial_state is not None, False, False))
+    LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks)
+    dq, dk, dv, ds, _, dh0, _, _ = LightningAttnFunction.backward(ctx, do, dht)
+    return dq, dk, dv, ds, dh0
 
 
 def chunk_lightning_attn(

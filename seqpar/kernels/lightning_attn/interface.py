@@ -7,15 +7,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import varlen
 from .torch_chunk import torch_chunk_lightning_attn
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
-# Non-negativity of CUDA slopes is checked once per (tensor, version): the check needs a
-# host sync, which must not sit in every forward of a training step.
-_checked_slopes: dict = {}
 _check_finite = os.environ.get("SEQPAR_CHECK_FINITE", "0") not in ("", "0", "false", "False")
 
 
@@ -39,26 +37,36 @@ def _check_tensor(name: str, x, ndim: int) -> None:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
 
 
-def _check_slopes_nonnegative(slopes: torch.Tensor) -> None:
-    if slopes.is_cuda and not torch.cuda.is_current_stream_capturing():
-        key = (slopes.data_ptr(), slopes._version, slopes.numel())
-        if key in _checked_slopes:
-            return
-    elif slopes.is_cuda:
-        return  # under CUDA graph capture no host sync is allowed
-    else:
-        key = None
+def _bad_slope_message(slopes: torch.Tensor) -> Optional[str]:
+    """None if every slope is finite and >= 0, else a message naming the first bad value (host sync)."""
     with torch.no_grad():
-        bad = bool((slopes < 0).any()) or not bool(torch.isfinite(slopes).all())
-    if bad:
-        raise ValueError(
-            f"slopes must be finite and non-negative (decay lambda = exp(-slope) in (0, 1]); got min "
-            f"{slopes.min().item():.4g}"
-        )
-    if key is not None:
-        if len(_checked_slopes) > 1024:
-            _checked_slopes.clear()
-        _checked_slopes[key] = True
+        bad = ~(torch.isfinite(slopes) & (slopes >= 0))
+        if not bool(bad.any()):
+            return None
+        i = int(bad.nonzero()[0, 0])
+        return (f"slopes must be finite and non-negative (decay lambda = exp(-slope) in (0, 1]); got "
+                f"slopes[{i}] = {slopes[i].item()} ({int(bad.sum())} bad of {slopes.numel()})")
+
+
+def _check_slopes_nonnegative(slopes: torch.Tensor) -> None:
+    """CPU: checked on every call. CUDA: a slopes tensor is checked once per in-place version (marked on the
+    tensor object); slopes computed in the graph (learnable: a new tensor every step) are checked on the
+    device with an asynchronous assert, so a training step has no host sync; nothing under graph capture."""
+    if slopes.is_cuda:
+        if torch.cuda.is_current_stream_capturing():
+            return
+        if getattr(slopes, "_seqpar_slopes_ok", None) == slopes._version:
+            return
+        if slopes.requires_grad:
+            with torch.no_grad():
+                ok = (torch.isfinite(slopes) & (slopes >= 0)).all()
+            torch._assert_async(ok, "slopes must be finite and non-negative")
+            return
+    msg = _bad_slope_message(slopes)
+    if msg is not None:
+        raise ValueError(msg)
+    if slopes.is_cuda:
+        slopes._seqpar_slopes_ok = slopes._version
 
 
 def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) -> Tuple[int, str]:
@@ -110,7 +118,7 @@ def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) 
             )
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
-        offs = cu_seqlens.tolist()
+        offs = varlen.offsets(cu_seqlens)  # one host read per tensor, shared by every layer
         if offs[0] != 0 or offs[-1] != T or any(b < a for a, b in zip(offs, offs[1:])):
             raise ValueError(f"cu_seqlens must start at 0, end at T = {T} and be non-decreasing, got {offs[:8]}...")
         N = len(offs) - 1
@@ -152,6 +160,15 @@ def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) 
     return N, backend
 
 
+def _static_backend(q, backend) -> str:
+    """The backend of a traced call (checks that need no tensor values)."""
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    return backend
+
+
 def lightning_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -174,8 +191,18 @@ def lightning_attn(
         cu_seqlens: int [N+1] offsets of packed documents (B == 1); the state resets at each.
         backend: "triton", "torch" or None (triton for CUDA tensors, torch otherwise).
     Returns:
-        o [B, T, H, E] in the input dtype, and ht [N, H, D, E] (fp32) or None.
+        o [B, T, H, E] in the input dtype, and ht [N, H, D, E] or None: fp32 (fp64 for fp64 inputs,
+        torch backend only, which keeps fp64 computations an fp64 reference end to end).
     """
+    if torch.compiler.is_compiling():
+        # traced by torch.compile: the checks that read values (cu_seqlens, slopes) would break the
+        # graph; the op runs as one custom op (ops.py), whose eager implementation reads cu_seqlens
+        backend = _static_backend(q, backend)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        from .ops import lightning_attn_fwd_op
+
+        o, ht = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+        return o, (ht if output_final_state else None)
     _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":

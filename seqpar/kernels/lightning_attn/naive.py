@@ -76,7 +76,8 @@ def naive_quadratic_lightning_attn(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Masked quadratic ("attention") form, differentiable by autograd, in the dtype of q.
+    """Masked quadratic ("attention") form, differentiable by autograd, in the dtype of q
+    (decay weights formed in fp32 at least, then rounded to that dtype).
 
     o_t = scale * (lambda^(t+1) q_t h0 + sum_{j<=t} lambda^(t-j) (q_t . k_j) v_j).
     Shapes as in :func:`naive_recurrent_lightning_attn`. O(T^2) memory: small T only.
@@ -85,26 +86,29 @@ def naive_quadratic_lightning_attn(
     E = v.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     dtype = q.dtype
-    s = slopes.to(dtype)
+    # decay weights: positions and exponents in fp32 at least (bf16 holds integers exactly only up to
+    # 256), then rounded to the compute dtype like every other operand
+    wdtype = torch.promote_types(dtype, torch.float32)
+    s = slopes.to(wdtype)
     outs = []
     states = []
     for b, start, end, n in _split_docs(cu_seqlens, B, T):
         L = end - start
         qb, kb, vb = (x[b, start:end].to(dtype) for x in (q, k, v))  # [L, H, *]
-        pos = torch.arange(L, device=q.device, dtype=dtype)
+        pos = torch.arange(L, device=q.device, dtype=wdtype)
         diff = pos[:, None] - pos[None, :]  # [L, L]: t - j
         causal = diff >= 0
         expo = torch.where(causal, diff, torch.zeros_like(diff))
-        decay = torch.where(causal[None], torch.exp(-s[:, None, None] * expo[None]), torch.zeros((), dtype=dtype, device=q.device))
-        scores = torch.einsum("thd,jhd->htj", qb, kb) * decay
+        decay = torch.where(causal[None], torch.exp(-s[:, None, None] * expo[None]), torch.zeros((), dtype=wdtype, device=q.device))
+        scores = torch.einsum("thd,jhd->htj", qb, kb) * decay.to(dtype)
         ob = scale * torch.einsum("htj,jhe->the", scores, vb)
-        wq = torch.exp(-s[None, :] * (pos[:, None] + 1))  # [L, H]: lambda^(t+1)
-        wk = torch.exp(-s[None, :] * (L - 1 - pos[:, None]))  # [L, H]: lambda^(L-1-j)
+        wq = torch.exp(-s[None, :] * (pos[:, None] + 1)).to(dtype)  # [L, H]: lambda^(t+1)
+        wk = torch.exp(-s[None, :] * (L - 1 - pos[:, None])).to(dtype)  # [L, H]: lambda^(L-1-j)
         ht = torch.einsum("jhd,jhe->hde", kb * wk[..., None], vb)
         if initial_state is not None:
             h0 = initial_state[n].to(dtype)
             ob = ob + scale * torch.einsum("thd,hde->the", qb * wq[..., None], h0)
-            ht = ht + torch.exp(-s * L)[:, None, None] * h0
+            ht = ht + torch.exp(-s * L).to(dtype)[:, None, None] * h0
         outs.append((b, start, end, ob))
         states.append(ht)
     o = torch.zeros(B, T, H, E, dtype=dtype, device=q.device)

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import varlen
+
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -126,7 +128,9 @@ def torch_chunk_lightning_attn(
     """Chunked torch forward (autograd gives the backward). Inputs are assumed validated.
 
     q, k: [B, T, H, D]; v: [B, T, H, E]; slopes: [H]; initial_state: [N, H, D, E].
-    Returns o [B, T, H, E] in q's dtype and ht [N, H, D, E] (fp32, fp64 for fp64 inputs) or None.
+    Returns o [B, T, H, E] in q's dtype and ht [N, H, D, E] or None. The state is kept in the
+    accumulation dtype: fp32 for fp16 / bf16 / fp32 inputs, fp64 for fp64 inputs (so that fp64 runs
+    stay an fp64 reference end to end; the Triton backend takes no fp64).
     """
     in_dtype = q.dtype
     acc = _acc_dtype(in_dtype)
@@ -136,7 +140,7 @@ def torch_chunk_lightning_attn(
     if cu_seqlens is None:
         o, ht = _dense(qa, ka, va, s, scale, h0, chunk_size)
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = varlen.offsets(cu_seqlens)
         outs, states = [], []
         for n in range(len(bounds) - 1):
             a, b = bounds[n], bounds[n + 1]
@@ -146,4 +150,9 @@ def torch_chunk_lightning_attn(
             states.append(hn)
         o = torch.cat(outs, 1)
         ht = torch.cat(states, 0)
+    if q.shape[1] == 0:
+        # no token: o and ht do not depend on q, k, v, slopes; a zero term keeps them in the graph so that
+        # their gradients are zeros (as the Triton backend returns), not None
+        zero = (qa.sum() + ka.sum() + va.sum() + s.sum()) * 0
+        o, ht = o + zero, ht + zero
     return o.to(in_dtype), (ht if output_final_state else None)

@@ -1,0 +1,104 @@
+"""The operator as torch.library custom ops (``seqpar::lightning_attn_fwd`` / ``seqpar::lightning_attn_bwd``)
+with fake implementations and a registered autograd formula, so that torch.compile traces a model that
+calls :func:`seqpar.lightning_attn` without a graph break (FlashAttention's pattern).
+
+:func:`lightning_attn` routes through these ops while torch.compile traces; eager calls keep the direct
+path. The backward op recomputes the forward of the chosen backend (torch: the chunked path under
+torch.func.vjp; triton: the forward launchers, then the backward launchers) and returns every gradient:
+the compiled graph saves only the inputs, at the cost of one more forward pass in the backward.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .torch_chunk import torch_chunk_lightning_attn
+
+
+def _state_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
+    if backend == "torch":
+        return torch_chunk_lightning_attn(q, k, v, slopes, scale, initial_state, True, cu_seqlens)
+    from .chunk import chunk_lightning_attn
+
+    return chunk_lightning_attn(q, k, v, slopes, scale, initial_state, True, cu_seqlens)
+
+
+@torch.library.custom_op("seqpar::lightning_attn_fwd", mutates_args=())
+def lightning_attn_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float,
+    initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """o [B, T, H, E] (q's dtype), ht [N, H, D, E] (fp32; fp64 for fp64 inputs). Inputs validated."""
+    with torch.no_grad():
+        o, ht = _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+    return o.clone() if o is v else o, ht.to(_state_dtype(q)).clone()
+
+
+@lightning_attn_fwd_op.register_fake
+def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
+    B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return v.new_empty(v.shape, dtype=q.dtype), q.new_empty((N, H, D, v.shape[-1]), dtype=_state_dtype(q))
+
+
+@torch.library.custom_op("seqpar::lightning_attn_bwd", mutates_args=())
+def lightning_attn_bwd_op(
+    do: torch.Tensor, dht: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
+    scale: float, initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
+) -> List[torch.Tensor]:
+    """[dq, dk, dv, dslopes, dh0] (dh0 empty [0] without an initial state), by recomputing the forward."""
+    if backend == "triton":
+        from .chunk import chunk_lightning_attn_grads
+
+        dq, dk, dv, ds, dh0 = chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do, dht)
+        return [dq, dk, dv, ds, dh0 if dh0 is not None else q.new_empty(0)]
+    # a custom op runs below the autograd dispatch key: the vjp is taken with torch.func, which carries
+    # its own autograd levels
+    inputs = [q, k, v, slopes] + ([initial_state] if initial_state is not None else [])
+
+    def fwd(*xs):
+        h0 = xs[4] if len(xs) > 4 else None
+        return _forward(*xs[:4], scale, h0, cu_seqlens, backend)
+
+    (o, ht), vjp = torch.func.vjp(fwd, *inputs)
+    grads = list(vjp((do.to(o.dtype), dht.to(ht.dtype))))
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    if initial_state is None:
+        grads.append(q.new_empty(0))
+    return grads
+
+
+@lightning_attn_bwd_op.register_fake
+def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(slopes), dh0]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, slopes, scale, initial_state, cu_seqlens, backend = inputs
+    ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.has_h0, ctx.has_cu = initial_state is not None, cu_seqlens is not None
+
+
+def _backward(ctx, do, dht):
+    q, k, v, slopes, initial_state, cu_seqlens = ctx.saved_tensors
+    o_shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    if do is None:
+        do = q.new_zeros(o_shape)
+    if dht is None:
+        N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        dht = q.new_zeros((N, q.shape[2], q.shape[3], v.shape[-1]), dtype=_state_dtype(q))
+    dq, dk, dv, ds, dh0 = lightning_attn_bwd_op(
+        do, dht, q, k, v, slopes, ctx.scale, initial_state if ctx.has_h0 else None,
+        cu_seqlens if ctx.has_cu else None, ctx.backend,
+    )
+    return dq, dk, dv, ds, None, (dh0 if ctx.has_h0 else None), None, None
+
+
+torch.library.register_autograd("seqpar::lightning_attn_fwd", _backward, setup_context=_setup_context)

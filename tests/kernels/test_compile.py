@@ -1,0 +1,87 @@
+"""torch.compile(fullgraph=True) through the seqpar::lightning_attn_fwd / _bwd custom ops (ops.py): no graph
+break, and loss and every gradient equal eager, with cu_seqlens, initial states and learnable slopes."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from seqpar import lightning_attn
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BACKENDS = ["torch"] + (["triton"] if TRITON_OK else [])
+# CPU: aot_eager traces forward and backward (inductor's C++ compile is too slow for CI); GPU: inductor
+COMPILE_BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _two_layers(x, log_s, h0, cu, backend):
+    s = log_s.exp()  # learnable slopes: a new tensor every call
+    o, ht = lightning_attn(x * 2, x.sin(), x, s, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                           backend=backend)
+    o2, _ = lightning_attn(o, o.cos(), o, s, cu_seqlens=cu, backend=backend)
+    return o2.square().mean() + ht.square().mean()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_compiles_without_graph_break_and_equals_eager(backend):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    H, D = 2, 16
+    x = torch.randn(1, 100, H, D, generator=g).to(DEV)
+    cu = torch.tensor([0, 30, 30, 100], dtype=torch.int32, device=DEV)
+    h0 = torch.randn(3, H, D, D, generator=g).to(DEV)
+    log_s = torch.tensor([-2.0, -1.0], device=DEV)
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (x, log_s, h0)]
+
+    eager = leaves()
+    l0 = _two_layers(*eager[:2], eager[2], cu, backend)
+    g0 = torch.autograd.grad(l0, eager)
+    explain = torch._dynamo.explain(_two_layers)(*leaves()[:2], h0, cu, backend)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    comp = torch.compile(_two_layers, backend=COMPILE_BACKEND, fullgraph=True)
+    lv = leaves()
+    l1 = comp(*lv[:2], lv[2], cu, backend)
+    g1 = torch.autograd.grad(l1, lv)
+    assert _rel(l1, l0) < 1e-6
+    for a, b in zip(g1, g0):
+        assert _rel(a, b) < 1e-5
+
+
+def test_model_blocks_compile_fullgraph_and_equal_eager():
+    """A stack of TransNormerLLM blocks (the part of the model the operator sits in) with packed documents and
+    learnable slopes: forward + backward under torch.compile(fullgraph=True) equals eager."""
+    from seqpar.models import TNLConfig
+    from seqpar.models.transnormer import TNLBlock
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TNLConfig.preset("tiny"), learnable_slopes=True)
+    blocks = torch.nn.ModuleList([TNLBlock(cfg, i) for i in range(cfg.n_layers)]).to(DEV)
+    x = torch.randn(1, 64, cfg.d_model, device=DEV)
+    cu = torch.tensor([0, 20, 64], dtype=torch.int32, device=DEV)
+
+    def run(x):
+        for blk in blocks:
+            x, _ = blk(x, cu_seqlens=cu)
+        return x.square().mean()
+
+    def grads(fn):
+        blocks.zero_grad()
+        loss = fn(x)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in blocks.parameters()]
+
+    l0, g0 = grads(run)
+    l1, g1 = grads(torch.compile(run, backend=COMPILE_BACKEND, fullgraph=True))
+    assert _rel(l1, l0) < 1e-5
+    names = [n for n, _ in blocks.named_parameters()]
+    assert any("log_slopes" in n for n in names)
+    for n, a, b in zip(names, g1, g0):
+        assert _rel(a, b) < 1e-4, n
