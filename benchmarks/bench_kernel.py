@@ -229,6 +229,10 @@ TUNE_VARIANTS = {
     "w4s32": {**{k: {"num_warps": 4} for k in ("fwd", "dqdk", "dv")}, "scan": {"BLK": 32}},
     # the segment-state + scan path (three forward and four backward kernels) instead of the look-back one
     "scan": {"lookback": False},
+    # bf16 state products: split hi + lo bf16 (default), fp32 operands (tf32 dots), rounded to bf16 (old)
+    "state_split": {"state_bf16": "split"},
+    "state_tf32": {"state_bf16": "tf32"},
+    "state_bf16": {"state_bf16": "bf16"},
     "nofuse": {"fuse_dkdv": False},
     # backward segment states of (q, do) by their own kernel instead of in the dq walk
     "nogstate": {"dq_gstate": False},
