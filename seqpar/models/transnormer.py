@@ -366,7 +366,16 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"empty batch: input_ids must be [B, T] with B >= 1 and T >= 1, got {tuple(input_ids.shape)}")
-        if input_ids.numel() and input_ids.device.type != "meta":
+        # CUDA tensors and compiled graphs: device-side asserts, no host sync (the data pipeline checks ids up
+        # front); CPU tensors: a ValueError with the offending values
+        deferred = input_ids.is_cuda or torch.compiler.is_compiling()
+        if input_ids.numel() and deferred:
+            V = self.config.vocab_size
+            torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(), f"input_ids must lie in [0, vocab_size={V})")
+            if labels is not None and isinstance(labels, torch.Tensor) and labels.shape == input_ids.shape:
+                ok = ((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < V))).all()
+                torch._assert_async(ok, f"labels must lie in [0, vocab_size={V}) or be {IGNORE_INDEX}")
+        elif input_ids.numel() and input_ids.device.type != "meta":
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
@@ -381,7 +390,7 @@ class TransNormerLLM(nn.Module):
                 )
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-            if labels.numel() and labels.device.type != "meta":
+            if labels.numel() and labels.device.type != "meta" and not deferred:
                 bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.config.vocab_size))
                 if bool(bad.any()):
                     raise ValueError(

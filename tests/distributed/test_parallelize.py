@@ -152,9 +152,13 @@ def _worker_gpu_shared(rank, world, result_dir):
     """P processes on ONE GPU over gloo (NCCL refuses duplicate GPUs): real Triton kernels under SP (the state
     exchange is staged through the host) and, where gloo takes CUDA tensors, a tiny FSDP2 model."""
     torch.cuda.set_device(0)
+    print(f"[rank {rank}] sp allgather", flush=True)
     _case(rank, 1, world, "allgather", True, False, False, device="cuda")  # SP op + model, no FSDP
+    print(f"[rank {rank}] sp ring", flush=True)
     _case(rank, 1, world, "ring", False, False, True, device="cuda")
+    print(f"[rank {rank}] probe reduce_scatter", flush=True)
     ok = _gloo_cuda_reduce_scatter_ok()
+    print(f"[rank {rank}] reduce_scatter ok={ok}", flush=True)
     if ok:
         _case(rank, 1, world, "allgather", True, True, False, device="cuda")
     if rank == 0:
