@@ -275,6 +275,13 @@ class TransNormerLLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
+    @classmethod
+    def from_pretrained(cls, path: str, device=None, dtype=None, **config_overrides) -> "TransNormerLLM":
+        """Load a directory written by ``seqpar export`` (model.safetensors + config.json), eval mode."""
+        from .export import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, **config_overrides)
+
     @property
     def sp_mode(self) -> str:
         """How SP attention exchanges states ("allgather" | "ring"); defaults to ``config.sp_mode``."""
