@@ -1,7 +1,7 @@
 """Reliability of train.py on CPU (real processes, gloo): determinism, exact resume after a crash, torchrun
 restart after a killed rank, atomic checkpoints, resume=auto skipping corrupt files, train/loss over dp ranks.
 
-Crashes are injected with train.py's test hook: ``SEQPAR_FAULT_AT_STEP=N`` (+ ``SEQPAR_FAULT_RANK=r``) makes
+Crashes are injected with tests/_fault_injector.py (loaded through ``SEQPAR_EXTRA_CALLBACKS``): ``SEQPAR_FAULT_AT_STEP=N`` (+ ``SEQPAR_FAULT_RANK=r``) makes
 that rank ``os._exit(1)`` right before optimizer step N, on the first torchrun attempt only. Checkpoints
 every 2 steps, crash before step 3: the run resumes from the step-2 checkpoint and redoes step 2.
 """
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
              "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "PL_GLOBAL_SEED",
-             "SEQPAR_FAULT_AT_STEP", "SEQPAR_FAULT_RANK")
+             "SEQPAR_FAULT_AT_STEP", "SEQPAR_FAULT_RANK", "SEQPAR_EXTRA_CALLBACKS")
+FAULT_INJECTOR = str(ROOT / "tests" / "_fault_injector.py") + ":callbacks"
 STEPS, CKPT_EVERY, FAULT_STEP = 6, 2, 3
 COMMON = ["--config", "configs/debug.yaml", f"trainer.max_steps={STEPS}", f"trainer.ckpt_every={CKPT_EVERY}",
           "trainer.val_check_interval=4", "trainer.resume=auto"]
@@ -52,6 +53,7 @@ def _run(args, nproc: int = 1, fault=None, restarts: int = 0, expect_rc: int = 0
     env["OMP_NUM_THREADS"] = "1"
     if fault is not None:
         env["SEQPAR_FAULT_AT_STEP"], env["SEQPAR_FAULT_RANK"] = str(fault[0]), str(fault[1])
+        env["SEQPAR_EXTRA_CALLBACKS"] = FAULT_INJECTOR  # tests/_fault_injector.py, loaded by the recipe
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--max-restarts", str(restarts), "--master_port", str(_free_port()), str(TRAIN), *args]

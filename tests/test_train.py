@@ -87,7 +87,9 @@ def test_config_errors_are_one_line(overrides, message, capsys):
 
 def test_tensorboard_logger_needs_tensorboard(monkeypatch, tmp_path):
     train = _train_module()
-    monkeypatch.setattr(train, "_importable", lambda name: False)
+    import seqpar.recipe.layout
+
+    monkeypatch.setattr(seqpar.recipe.layout, "_importable", lambda name: False)
     with pytest.raises(SystemExit) as e:
         train.main(["trainer.accelerator=cpu", "trainer.logger=tensorboard", f"trainer.out_dir={tmp_path}"])
     assert "trainer.logger=tensorboard needs the tensorboard package (pip install tensorboard)" in str(e.value.code)

@@ -1,4 +1,6 @@
-"""Data x sequence parallel layout: ``ParallelDims`` -> 2-D ``DeviceMesh(("dp", "sp"))``.
+"""Data x sequence parallel layout: ``ParallelDims`` -> 2-D ``DeviceMesh(("dp", "sp"))`` and the flattened
+``("dp_sp",)`` mesh that FSDP2 shards parameters over. The one owner of the layout: sizes, checks, meshes,
+groups and rank coordinates.
 
 Ranks are laid out row-major on a ``(dp, sp)`` grid, so every SP group is a block of contiguous
 ranks ``[i*sp, (i+1)*sp)`` (on one host when sp divides the GPUs per node: the state exchange stays
@@ -44,9 +46,8 @@ class ParallelDims:
                 world_size = _check_pos_int("dp", dp) * sp
         world_size = _check_pos_int("world_size", world_size)
         if world_size % sp:
-            raise ValueError(
-                f"sp = {sp} must divide the world size {world_size} (every SP group needs exactly sp ranks)"
-            )
+            divisors = [k for k in range(1, world_size + 1) if world_size % k == 0]
+            raise ValueError(f"sp={sp} must divide the world size {world_size} (choose among {divisors})")
         if dp is None or dp == -1:
             dp = world_size // sp
         dp = _check_pos_int("dp", dp)
@@ -54,6 +55,7 @@ class ParallelDims:
             raise ValueError(f"dp * sp must equal the world size: {dp} * {sp} = {dp * sp} != {world_size}")
         self.dp, self.sp, self.world_size = dp, sp, world_size
         self._mesh = None
+        self._fsdp_mesh = None
 
     def __repr__(self) -> str:
         return f"ParallelDims(dp={self.dp}, sp={self.sp}, world_size={self.world_size})"
@@ -76,7 +78,7 @@ class ParallelDims:
         Collective: every rank must call it. torch.distributed must be initialised with
         ``world_size`` ranks.
         """
-        if self._mesh is not None:
+        if self._mesh is not None and self._mesh.device_type == device_type:
             return self._mesh
         from torch.distributed.device_mesh import DeviceMesh
 
@@ -88,7 +90,29 @@ class ParallelDims:
             )
         grid = torch.arange(self.world_size, dtype=torch.int).view(self.dp, self.sp)
         self._mesh = DeviceMesh(device_type, grid, mesh_dim_names=("dp", "sp"))
+        self._fsdp_mesh = None
         return self._mesh
+
+    @property
+    def fsdp_mesh(self):
+        """1-D mesh ``("dp_sp",)`` over the whole dp x sp world (row-major), built once from the 2-D mesh.
+
+        FSDP2 shards parameters over it: SP ranks hold replicated parameters exactly as DP replicas do.
+        """
+        if self._fsdp_mesh is None:
+            mesh = self.mesh
+            if hasattr(mesh, "_flatten"):
+                self._fsdp_mesh = mesh["dp", "sp"]._flatten("dp_sp")
+            else:  # the same ranks in the same order
+                from torch.distributed.device_mesh import DeviceMesh
+
+                self._fsdp_mesh = DeviceMesh(mesh.device_type, torch.arange(self.world_size, dtype=torch.int),
+                                             mesh_dim_names=("dp_sp",))
+        return self._fsdp_mesh
+
+    @property
+    def mesh_built(self) -> bool:
+        return self._mesh is not None
 
     @property
     def mesh(self):

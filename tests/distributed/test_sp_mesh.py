@@ -24,7 +24,7 @@ def test_parallel_dims_sizes():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(dp=2, sp=3, world_size=8), "sp = 3 must divide the world size 8"),
+        (dict(dp=2, sp=3, world_size=8), r"sp=3 must divide the world size 8 \(choose among \[1, 2, 4, 8\]\)"),
         (dict(dp=3, sp=2, world_size=8), r"dp \* sp must equal the world size: 3 \* 2 = 6 != 8"),
         (dict(dp=2, sp=0, world_size=8), "sp must be a positive int"),
         (dict(dp=1.5, sp=2, world_size=8), "dp must be a positive int"),

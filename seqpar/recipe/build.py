@@ -1,0 +1,147 @@
+"""Builders of a train.py run: model, data, strategy, callbacks and the Lightning Trainer."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from .config import ConfigError, check_model_overrides
+
+__all__ = ["build", "build_model_config", "check_vocab_covers_data"]
+
+
+def build_model_config(cfg):
+    """TNLConfig from ``model.preset`` + ``model.overrides`` (type-checked) + ``parallel.sp_mode``."""
+    from seqpar.models import TNLConfig
+
+    check_model_overrides(cfg.model.overrides)
+    try:
+        overrides = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
+        overrides["sp_mode"] = cfg.parallel.sp_mode
+        return TNLConfig.preset(cfg.model.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def check_vocab_covers_data(dm, vocab_size: int) -> None:
+    """Every token id of the (memmap / token) datasets must be < vocab_size; one-line ConfigError otherwise."""
+    import numpy as np
+
+    for split, ds in (("train", dm.train_dataset), ("val", dm.val_dataset)):
+        tokens = getattr(ds, "tokens", None)
+        if tokens is None or len(tokens) == 0:
+            continue
+        step = 1 << 24  # scan in slices: a memmap is paged in piecewise
+        top = max(int(np.max(tokens[i:i + step])) for i in range(0, len(tokens), step))
+        if top >= vocab_size:
+            raise ConfigError(f"data: the {split} tokens reach id {top} but the model's vocab_size is {vocab_size} "
+                              f"(set model.overrides.vocab_size >= {top + 1})")
+
+
+def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None):
+    """(trainer, model, datamodule, ckpt_path, ckpt_dir); construction errors become ConfigError.
+
+    ``callbacks``: extra Lightning callbacks, appended after the recipe's own.
+    """
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    import seqpar.strategies  # noqa: F401  registers "lightning_sp"
+    from seqpar.data import SeqDataModule
+    from seqpar.models.lit import LitLM
+    from seqpar.strategies import LightningSPStrategy
+    from seqpar.strategies.checkpointing import AtomicCheckpointIO, checkpoint_is_complete, find_resume_checkpoint
+
+    from .callbacks import StepSeeder, extra_callbacks_from_env
+
+    t, d, o = cfg.trainer, cfg.data, cfg.optim
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same initial weights on every layout
+    model_cfg = build_model_config(cfg)
+    if d.kind == "corpus" and model_cfg.vocab_size < 256:
+        raise ConfigError(f"data.kind=corpus is byte-level (256 tokens) but the model's vocab_size is {model_cfg.vocab_size}")
+    try:
+        dm = SeqDataModule(
+            kind=d.kind, seq_len=d.seq_len, batch_size=d.batch_size, path=d.path, dtype=d.dtype, packed=d.packed,
+            eos_id=d.eos_id, val_fraction=d.val_fraction, max_bytes=d.max_bytes, train_samples=d.train_samples,
+            val_samples=d.val_samples, num_workers=d.num_workers, seed=cfg.seed, recall_pairs=d.recall_pairs,
+            recall_queries=d.recall_queries, vocab_size=min(256, model_cfg.vocab_size),
+        )
+        if d.kind == "memmap" and not os.path.exists(d.path):
+            raise ValueError(f"data.path not found: {d.path}")
+        dm.setup("fit")  # open / build the datasets now: bad dtypes, sizes, task settings fail before training
+        model = LitLM(
+            model_cfg, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+            warmup_steps=o.warmup_steps, max_steps=t.max_steps, min_lr_ratio=o.min_lr_ratio,
+        )
+    except (ValueError, TypeError, OSError) as e:
+        raise ConfigError(f"data: {e}" if "data" not in str(e).split(":")[0] else str(e)) from None
+    if d.kind == "memmap":
+        check_vocab_covers_data(dm, model_cfg.vocab_size)
+    if cfg.model.compile:
+        model.model.compile_blocks()
+
+    ckpt_dir = t.ckpt_dir or os.path.join(t.out_dir, "checkpoints")
+    ckpt_path = None
+    if t.resume == "auto":  # the newest complete checkpoint; truncated / corrupt files are skipped with a warning
+        ckpt_path = find_resume_checkpoint(ckpt_dir)
+    elif t.resume:
+        if not os.path.isfile(t.resume):
+            raise ConfigError(f"trainer.resume: checkpoint not found: {t.resume}")
+        ok, why = checkpoint_is_complete(t.resume)
+        if not ok:
+            raise ConfigError(f"trainer.resume: {t.resume} is not a complete checkpoint ({why})")
+        ckpt_path = t.resume
+
+    if layout["world"] > 1 or layout["sp"] > 1 or layout.get("fsdp"):
+        strategy = LightningSPStrategy(sp_size=layout["sp"], sp_mode=cfg.parallel.sp_mode,
+                                       **({"fsdp": True} if layout.get("fsdp") else {}))
+    else:
+        strategy = "auto"
+    precision = t.precision or ("bf16-mixed" if layout["accelerator"] == "gpu" else "32-true")
+    cbs = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
+            every_n_train_steps=t.ckpt_every or None, save_top_k=t.keep_ckpts if t.ckpt_every else 0,
+            monitor="step", mode="max", save_last=True,
+        )
+    ]
+    if t.progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every, 10))))
+    cbs.append(StepSeeder(cfg.seed))
+    try:
+        cbs.extend(extra_callbacks_from_env())
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
+    cbs.extend(callbacks or ())
+    try:
+        trainer = _make_trainer(t, o, layout, strategy, precision, cbs, AtomicCheckpointIO())
+    except (ValueError, TypeError, MisconfigurationException) as e:
+        raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
+    return trainer, model, dm, ckpt_path, ckpt_dir
+
+
+def _make_logger(t):
+    """Logs under <out_dir>/logs/version_N: CSV (metrics.csv) or TensorBoard event files."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    if t.logger == "tensorboard":
+        return TensorBoardLogger(t.out_dir, name="logs")
+    return CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every)
+
+
+def _make_trainer(t, o, layout, strategy, precision, callbacks, checkpoint_io):
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        accelerator=layout["accelerator"], devices=layout["devices"], num_nodes=layout["num_nodes"],
+        strategy=strategy, precision=precision, max_steps=t.max_steps, max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=o.grad_clip or None,
+        log_every_n_steps=t.log_every, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
+        logger=_make_logger(t), callbacks=callbacks,
+        enable_progress_bar=t.progress_bar, default_root_dir=t.out_dir, benchmark=False,
+        deterministic=bool(t.deterministic),
+        plugins=[checkpoint_io],
+    )

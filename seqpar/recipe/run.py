@@ -1,0 +1,60 @@
+"""``main(argv)``: the train.py recipe (parse, check, build, fit, final checkpoint, tear-down)."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from .config import ConfigError, load_config, parse_args
+from .elastic import destroy_process_group, init_torchelastic_process_group, is_rank_zero
+from .layout import resolve_layout
+
+__all__ = ["main"]
+
+DESCRIPTION = ("Train a TransNormerLLM (Lightning Attention-2) language model with data x sequence parallelism "
+               "(+ FSDP2 with parallel.fsdp=true).")
+
+
+def main(argv: Optional[List[str]] = None, callbacks: Optional[Sequence[Any]] = None) -> int:
+    """Run train.py with ``argv`` (``--config`` files and ``key=value`` overrides); extra Lightning callbacks
+    may be given. Config errors exit with one line ``train.py: config error: ...``."""
+    args = parse_args(argv, DESCRIPTION)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        layout = resolve_layout(cfg)  # value checks too, so --print-config prints only a valid config
+        if args.print_config:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        from .build import build
+
+        trainer, model, dm, ckpt_path, ckpt_dir = build(cfg, layout, callbacks)
+    except ConfigError as e:
+        raise SystemExit(f"train.py: config error: {e}") from None
+    if is_rank_zero():
+        print(OmegaConf.to_yaml(cfg), end="")
+        print(f"[train.py] world={layout['world']} sp={layout['sp']} dp={layout['dp']} fsdp={layout['fsdp']} "
+              f"accelerator={layout['accelerator']} devices={layout['devices']} nodes={layout['num_nodes']} "
+              f"params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M resume={ckpt_path}")
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`num_workers`.*")
+    if layout["accelerator"] == "gpu":
+        torch.set_float32_matmul_precision("high")
+    init_torchelastic_process_group(layout["accelerator"])
+    try:
+        if cfg.trainer.resume == "auto" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            choice = [ckpt_path]  # every rank resumes from rank 0's choice (files may change while ranks start)
+            torch.distributed.broadcast_object_list(choice, src=0)
+            ckpt_path = choice[0]
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        last = os.path.join(ckpt_dir, "last.ckpt")
+        trainer.save_checkpoint(last)  # the final state, whatever ckpt_every was
+        if trainer.is_global_zero:
+            print(f"[train.py] done: step {trainer.global_step}, checkpoint {last}, logs {trainer.logger.log_dir}")
+    finally:
+        destroy_process_group()
+    return 0
