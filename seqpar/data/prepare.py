@@ -239,3 +239,23 @@ def read_meta(path: str) -> Optional[dict]:
     if meta["dtype"] not in ("uint16", "uint32"):
         raise ValueError(f"data: {meta_path} has dtype {meta['dtype']!r}, expected uint16 or uint32")
     return meta
+
+
+def apply_meta(meta: Optional[dict], dtype: Optional[str], eos_id: Optional[int], vocab_size: Optional[int],
+               default_dtype: str = "uint16", where: str = "meta.json"):
+    """Reconcile a run's data settings with a prepared directory's meta.json.
+
+    Returns ``(dtype, eos_id, vocab_size)``: meta.json's values where the run left them unset (``dtype`` at
+    its default, ``eos_id`` / ``vocab_size`` None); a setting that contradicts meta.json raises ValueError,
+    so does a ``vocab_size`` smaller than the tokenizer's.
+    """
+    if meta is None:
+        return dtype, eos_id, vocab_size
+    if dtype not in (None, default_dtype, meta["dtype"]):
+        raise ValueError(f"data.dtype={dtype} but {where} says the tokens are {meta['dtype']} (drop data.dtype)")
+    if eos_id is not None and int(eos_id) != int(meta["eos_id"]):
+        raise ValueError(f"data.eos_id={eos_id} but {where} says the tokenizer's EOS is {meta['eos_id']} (drop data.eos_id)")
+    if vocab_size is not None and int(vocab_size) < int(meta["vocab_size"]):
+        raise ValueError(f"model vocab_size={vocab_size} is smaller than the tokenizer's {meta['vocab_size']} ids ({where}); "
+                         f"drop model.overrides.vocab_size or set it >= {meta['vocab_size']}")
+    return meta["dtype"], int(meta["eos_id"]), int(vocab_size if vocab_size is not None else meta["vocab_size"])
