@@ -152,3 +152,14 @@ def test_step_lines_under_torchrun(tmp_path):
     steps = [int(STEP_LINE.match(l).group(1)) for l in p.stdout.splitlines() if STEP_LINE.match(l)]
     assert steps == [2, 4], p.stdout
     assert "\r" not in p.stdout and p.stdout.count("done: steps 4") == 1
+
+
+def test_wandb_logger_needs_wandb(monkeypatch, tmp_path):
+    import seqpar.recipe.layout
+    from seqpar.recipe import main as train_main
+
+    monkeypatch.setattr(seqpar.recipe.layout, "_importable", lambda name: False)
+    with pytest.raises(SystemExit) as e:
+        train_main(["trainer.accelerator=cpu", "trainer.logger=wandb", f"trainer.out_dir={tmp_path}"])
+    assert str(e.value.code) == ("train.py: config error: trainer.logger=wandb needs the wandb package "
+                                 "(pip install wandb), or use trainer.logger=csv")

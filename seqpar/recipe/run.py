@@ -32,6 +32,8 @@ def _quiet_lightning() -> None:
             if not any(isinstance(f, _DropTips) for f in h.filters):
                 h.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # StepLogger prints every trainer.log_every steps whatever the epoch length
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 
 DESCRIPTION = ("Train a TransNormerLLM (Lightning Attention-2) language model with data x sequence parallelism "
                "(+ FSDP2 with parallel.fsdp=true).")
