@@ -73,7 +73,7 @@ def _losses(out_dir: Path) -> dict:
         (["--config", "configs/nonexistent.yaml"], "config file not found"),
         (["parallel.sp_mode=tree", "trainer.accelerator=cpu"], "sp_mode must be allgather or ring"),
         (["trainer.max_steps"], "overrides must be key=value"),
-        (["trainer.accelerator=cpu", "trainer.logger=wandb"], "trainer.logger must be csv or tensorboard"),
+        (["trainer.accelerator=cpu", "trainer.logger=mlflow"], "trainer.logger must be csv, tensorboard or wandb"),
     ],
 )
 def test_config_errors_are_one_line(overrides, message, capsys):

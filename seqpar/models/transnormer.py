@@ -197,9 +197,10 @@ class GatedLinearAttention(nn.Module):
     def step(self, x: torch.Tensor, state: torch.Tensor):
         """One recurrent step: x [B, d], state [B, H, D, E] fp32 -> (y [B, d], new state)."""
         q, k, v, u = self._qkvu(x)  # q, k, v [B, H, D]
-        lam = torch.exp(-self.slopes.float())[None, :, None, None]
-        qf, kf, vf = q.float(), k.float(), v.float()
-        state = lam * state + kf.unsqueeze(-1) * vf.unsqueeze(-2)
+        acc = torch.promote_types(v.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+        lam = torch.exp(-self.slopes.to(acc))[None, :, None, None]
+        qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+        state = lam * state.to(acc) + kf.unsqueeze(-1) * vf.unsqueeze(-2)
         o = self.scale * torch.einsum("bhd,bhde->bhe", qf, state)
         return self._out(o.to(v.dtype), u), state
 
@@ -302,6 +303,13 @@ class TransNormerLLM(nn.Module):
     @sp_group.setter
     def sp_group(self, group) -> None:
         self._set_sp(group, self._sp_mode)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None, dtype=None, **config_overrides) -> "TransNormerLLM":
+        """Load a directory written by ``seqpar export`` (model.safetensors + config.json), eval mode."""
+        from .export import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, **config_overrides)
 
     @property
     def sp_mode(self) -> str:
@@ -559,6 +567,9 @@ class TransNormerLLM(nn.Module):
         top_k: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         return_logits: bool = False,
+        top_p: Optional[float] = None,
+        eos_id: Optional[int] = None,
+        on_token=None,
     ):
         """Sample continuations: prefill with the chunked operator, then decode with O(1) state per layer.
 
@@ -568,9 +579,14 @@ class TransNormerLLM(nn.Module):
             temperature: softmax temperature; 0 means greedy (argmax).
             top_k: sample among the k most likely tokens only.
             generator: torch.Generator for reproducible sampling.
-            return_logits: also return the logits [B, max_new_tokens, V] each new token was drawn from.
+            return_logits: also return the logits [B, N, V] each new token was drawn from.
+            top_p: nucleus sampling: among the most likely tokens whose probabilities sum to ``top_p``.
+            eos_id: a sequence that drew ``eos_id`` is finished (it is padded with ``eos_id`` from then on);
+                generation stops once every sequence is.
+            on_token: called with each step's new ids [B] (streaming).
         Returns:
-            ids [B, T0 + max_new_tokens] (and the logits when ``return_logits``).
+            ids [B, T0 + N], N = max_new_tokens or fewer when every sequence hit ``eos_id`` (and the logits
+            when ``return_logits``).
         """
         self._check_inputs(prompt_ids, None, None)
         if prompt_ids.shape[1] < 1:
@@ -581,6 +597,10 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be a float in (0, 1] or None, got {top_p!r}")
+        if eos_id is not None and (not isinstance(eos_id, int) or not 0 <= eos_id < self.config.vocab_size):
+            raise ValueError(f"eos_id must be an int in [0, {self.config.vocab_size}) or None, got {eos_id!r}")
         was_training = self.training
         self.eval()
         try:
@@ -593,10 +613,18 @@ class TransNormerLLM(nn.Module):
                 states = out.final_states
                 logits = out.logits[:, -1]
             ids, all_logits = [prompt_ids], []
+            done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
             for i in range(max_new_tokens):
                 all_logits.append(logits)
-                nxt = self._sample(logits.float(), temperature, top_k, generator)
+                nxt = self._sample(logits.float(), temperature, top_k, generator, top_p)
+                if eos_id is not None:
+                    nxt = nxt.masked_fill(done, eos_id)
+                    done = done | (nxt == eos_id)
                 ids.append(nxt[:, None])
+                if on_token is not None:
+                    on_token(nxt)
+                if eos_id is not None and bool(done.all()):
+                    break
                 if i + 1 < max_new_tokens:
                     logits, states = self.step(nxt, states, check=False)  # sampled ids are in range
         finally:
@@ -609,12 +637,17 @@ class TransNormerLLM(nn.Module):
         return result
 
     @staticmethod
-    def _sample(logits, temperature, top_k, generator):
+    def _sample(logits, temperature, top_k, generator, top_p=None):
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits / temperature
         if top_k is not None and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         probs = torch.softmax(logits, -1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]

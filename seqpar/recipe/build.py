@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import OmegaConf
@@ -58,15 +59,18 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
     from .callbacks import StepSeeder, extra_callbacks_from_env
     from .preemption import LastCheckpoint
 
+    from .progress import RunInfo, StepLogger
+
     t, d, o = cfg.trainer, cfg.data, cfg.optim
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same initial weights on every layout
+    data_meta, data_dtype, data_eos = _data_meta(cfg)  # memmap: meta.json of `seqpar prepare` sets vocab / dtype / eos
     model_cfg = build_model_config(cfg)
     if d.kind == "corpus" and model_cfg.vocab_size < 256:
         raise ConfigError(f"data.kind=corpus is byte-level (256 tokens) but the model's vocab_size is {model_cfg.vocab_size}")
     try:
         dm = SeqDataModule(
-            kind=d.kind, seq_len=d.seq_len, batch_size=d.batch_size, path=d.path, dtype=d.dtype, packed=d.packed,
-            eos_id=d.eos_id, val_fraction=d.val_fraction, max_bytes=d.max_bytes, train_samples=d.train_samples,
+            kind=d.kind, seq_len=d.seq_len, batch_size=d.batch_size, path=d.path, dtype=data_dtype, packed=d.packed,
+            eos_id=data_eos, val_fraction=d.val_fraction, max_bytes=d.max_bytes, train_samples=d.train_samples,
             val_samples=d.val_samples, num_workers=d.num_workers, seed=cfg.seed, recall_pairs=d.recall_pairs,
             recall_queries=d.recall_queries, vocab_size=min(256, model_cfg.vocab_size),
         )
@@ -116,31 +120,79 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
         # that it resumes exactly like the step file of the same step (see seqpar.recipe.preemption)
         LastCheckpoint(ckpt_dir, every=t.ckpt_every),
     ]
-    if t.progress_bar:
+    show_bar = bool(t.progress_bar) and sys.stdout.isatty()  # a redirected log gets no \r-joined bar lines
+    if show_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every, 10))))
     cbs.append(StepSeeder(cfg.seed))
+    cbs.append(StepLogger(t.log_every, model_cfg, run_dir=t.out_dir, ckpt_path=os.path.join(ckpt_dir, "last.ckpt")))
+    cbs.append(RunInfo(_run_info(cfg, data_meta, data_dtype, data_eos)))
     try:
         cbs.extend(extra_callbacks_from_env())
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None
     cbs.extend(callbacks or ())
     try:
-        trainer = _make_trainer(t, o, layout, strategy, precision, cbs, AtomicCheckpointIO())
+        trainer = _make_trainer(t, o, layout, strategy, precision, cbs, AtomicCheckpointIO(), show_bar)
     except (ValueError, TypeError, MisconfigurationException) as e:
         raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
     return trainer, model, dm, ckpt_path, ckpt_dir
 
 
+def _data_meta(cfg):
+    """(meta.json of a prepared memmap directory or None, data dtype, data eos_id); sets the model's vocab_size
+    from it unless model.overrides.vocab_size is given; a contradiction is a one-line ConfigError."""
+    from seqpar.data.prepare import apply_meta, read_meta
+
+    d = cfg.data
+    if d.kind != "memmap" or not d.path or not os.path.exists(d.path):
+        return None, d.dtype, d.eos_id
+    try:
+        meta = read_meta(d.path)
+        vocab = cfg.model.overrides.get("vocab_size") if "vocab_size" in cfg.model.overrides else None
+        dtype, eos_id, vocab = apply_meta(meta, d.dtype, d.eos_id, vocab, where=f"{d.path}/meta.json")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if meta is not None:
+        cfg.model.overrides["vocab_size"] = vocab
+    return meta, dtype, eos_id
+
+
+def _run_info(cfg, meta, dtype, eos_id):
+    """What every checkpoint carries under "seqpar": data settings, meta.json, the tokenizer, the config."""
+    d = cfg.data
+    path = os.path.abspath(d.path) if d.path else None
+    info = {
+        "data": {"kind": d.kind, "path": path, "seq_len": int(d.seq_len), "dtype": dtype, "eos_id": eos_id,
+                 "packed": bool(d.packed)},
+        "meta": meta,
+        "tokenizer": None,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if meta is not None and path is not None:
+        tok_file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "tokenizer.json")
+        if os.path.isfile(tok_file):
+            with open(tok_file) as f:
+                info["tokenizer"] = {"json": f.read(), "eos_id": int(meta["eos_id"]),
+                                     **{k: v for k, v in (meta.get("tokenizer") or {}).items() if k in ("kind", "source")}}
+    elif d.kind == "corpus":
+        info["tokenizer"] = {"kind": "bytes", "eos_id": 0, "json": None}
+    return info
+
+
 def _make_logger(t):
-    """Logs under <out_dir>/logs/version_N: CSV (metrics.csv) or TensorBoard event files."""
+    """Logs under <out_dir>/logs/version_N: CSV (metrics.csv), TensorBoard event files or Weights & Biases."""
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+    if t.logger == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        return WandbLogger(save_dir=t.out_dir, project="seqpar", name=os.path.basename(os.path.normpath(t.out_dir)))
     if t.logger == "tensorboard":
         return TensorBoardLogger(t.out_dir, name="logs")
     return CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every)
 
 
-def _make_trainer(t, o, layout, strategy, precision, callbacks, checkpoint_io):
+def _make_trainer(t, o, layout, strategy, precision, callbacks, checkpoint_io, show_bar=None):
     import pytorch_lightning as pl
 
     return pl.Trainer(
@@ -150,7 +202,9 @@ def _make_trainer(t, o, layout, strategy, precision, callbacks, checkpoint_io):
         log_every_n_steps=t.log_every, val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if t.val_check_interval else 0, num_sanity_val_steps=0,
         logger=_make_logger(t), callbacks=callbacks,
-        enable_progress_bar=t.progress_bar, default_root_dir=t.out_dir, benchmark=False,
+        enable_progress_bar=t.progress_bar if show_bar is None else show_bar,
+        enable_model_summary=False,  # its FLOPs column reads 0 for this model; train.py prints the parameter count
+        default_root_dir=t.out_dir, benchmark=False,
         deterministic=bool(t.deterministic),
         plugins=[checkpoint_io],
     )

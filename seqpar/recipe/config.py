@@ -83,7 +83,7 @@ class TrainerConfig:
     num_nodes: int = _f(1, "nodes; under torchrun: WORLD_SIZE // LOCAL_WORLD_SIZE")
     precision: Optional[str] = _f(None, "null: bf16-mixed on GPU, 32-true on CPU")
     accumulate_grad_batches: int = _f(1, "micro-batches per optimizer step")
-    log_every: int = _f(10, "steps between logged rows")
+    log_every: int = _f(10, "steps between logged rows and printed 'step N | loss ...' lines")
     val_check_interval: Optional[int] = _f(100, "training batches between validations; null: never")
     limit_val_batches: int = _f(8, "validation batches per validation")
     out_dir: str = _f("runs/default", "run directory; logs under <out_dir>/logs")
@@ -91,8 +91,8 @@ class TrainerConfig:
     ckpt_every: int = _f(250, "training steps between checkpoints; 0: only last.ckpt at the end")
     keep_ckpts: int = _f(2, "periodic checkpoints kept (-1: all)")
     resume: Optional[str] = _f(None, "path to a .ckpt | auto (newest complete .ckpt in ckpt_dir, if any) | null")
-    progress_bar: bool = _f(True, "show a progress bar")
-    logger: str = _f("csv", "csv (<out_dir>/logs/version_N/metrics.csv) | tensorboard")
+    progress_bar: bool = _f(True, "show a progress bar (on a terminal only: log files get whole lines)")
+    logger: str = _f("csv", "csv (<out_dir>/logs/version_N/metrics.csv) | tensorboard | wandb")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms + CUBLAS_WORKSPACE_CONFIG")
 
 
@@ -204,7 +204,7 @@ def check_values(cfg) -> None:
          ">= 1 or null"),
         ("trainer.ckpt_every", t.ckpt_every, t.ckpt_every >= 0, ">= 0 (0: only last.ckpt at the end)"),
         ("trainer.keep_ckpts", t.keep_ckpts, t.keep_ckpts >= 1 or t.keep_ckpts == -1, ">= 1 (or -1: keep all)"),
-        ("trainer.logger", t.logger, t.logger in ("csv", "tensorboard"), "csv or tensorboard"),
+        ("trainer.logger", t.logger, t.logger in ("csv", "tensorboard", "wandb"), "csv, tensorboard or wandb"),
     ]
     for key, value, ok, want in rules:
         if not ok:

@@ -62,6 +62,8 @@ def resolve_layout(cfg) -> Dict[str, Any]:
     if t.logger == "tensorboard" and not (_importable("tensorboard") or _importable("tensorboardX")):
         raise ConfigError("trainer.logger=tensorboard needs the tensorboard package (pip install tensorboard), "
                           "or use trainer.logger=csv")
+    if t.logger == "wandb" and not _importable("wandb"):
+        raise ConfigError("trainer.logger=wandb needs the wandb package (pip install wandb), or use trainer.logger=csv")
     if cfg.data.seq_len % sp:
         up = -(-cfg.data.seq_len // sp) * sp
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by parallel.sp={sp} (use e.g. data.seq_len={up})")

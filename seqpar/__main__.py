@@ -1,0 +1,6 @@
+"""``python -m seqpar``: the ``seqpar`` command (prepare, generate, eval, export)."""
+import sys
+
+from seqpar.cli import main
+
+sys.exit(main())
