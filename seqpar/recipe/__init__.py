@@ -9,8 +9,8 @@ from .run import main
 
 
 def build(cfg, layout, callbacks=None):
-    """(trainer, model, datamodule, ckpt_path, ckpt_dir) of a run; see :func:`seqpar.recipe.build.build`."""
-    from .build import build as _build
+    """(trainer, model, datamodule, ckpt_path, ckpt_dir) of a run; see :func:`seqpar.recipe.builders.build`."""
+    from .builders import build as _build
 
     return _build(cfg, layout, callbacks)
 

@@ -97,7 +97,7 @@ class LastCheckpoint(pl.Callback):
         final = trainer.max_steps is not None and 0 < trainer.max_steps <= step
         periodic = self.every > 0 and step % self.every == 0
         if stop or final or periodic:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint; says so (no warning)
         if stop and not final:
             self.stopped_at = step
             trainer.should_stop = True

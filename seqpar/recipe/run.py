@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None, callbacks: Optional[Sequence[Any]] = 
         if args.print_config:
             print(OmegaConf.to_yaml(cfg))
             return 0
-        from .build import build
+        from .builders import build
 
         _quiet_lightning()
         trainer, model, dm, ckpt_path, ckpt_dir = build(cfg, layout, callbacks)

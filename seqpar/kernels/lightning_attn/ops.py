@@ -36,7 +36,8 @@ def lightning_attn_fwd_op(
     """o [B, T, H, E] (q's dtype), ht [N, H, D, E] (fp32; fp64 for fp64 inputs). Inputs validated."""
     with torch.no_grad():
         o, ht = _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
-    return o.clone() if o is v else o, ht.to(_state_dtype(q)).clone()
+    # contiguous outputs: the fake implementation promises contiguous strides to the compiler
+    return (o.clone() if o is v else o.contiguous()), ht.to(_state_dtype(q)).clone()
 
 
 @lightning_attn_fwd_op.register_fake
@@ -56,7 +57,7 @@ def lightning_attn_bwd_op(
         from .chunk import chunk_lightning_attn_grads
 
         dq, dk, dv, ds, dh0 = chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do, dht)
-        return [dq, dk, dv, ds, dh0 if dh0 is not None else q.new_empty(0)]
+        return [dq.contiguous(), dk.contiguous(), dv.contiguous(), ds, dh0 if dh0 is not None else q.new_empty(0)]
     # a custom op runs below the autograd dispatch key: the vjp is taken with torch.func, which carries
     # its own autograd levels
     inputs = [q, k, v, slopes] + ([initial_state] if initial_state is not None else [])
@@ -68,6 +69,7 @@ def lightning_attn_bwd_op(
     (o, ht), vjp = torch.func.vjp(fwd, *inputs)
     grads = list(vjp((do.to(o.dtype), dht.to(ht.dtype))))
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    grads = [g.contiguous() for g in grads]  # the fake implementation's contiguous strides
     if initial_state is None:
         grads.append(q.new_empty(0))
     return grads
@@ -76,7 +78,7 @@ def lightning_attn_bwd_op(
 @lightning_attn_bwd_op.register_fake
 def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(slopes), dh0]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(slopes), dh0]
 
 
 def _setup_context(ctx, inputs, output):
