@@ -52,13 +52,17 @@ def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, off
         cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac, "activation_offload": offload,
                                    "seq_chunk": seq_chunk})
         model = TransNormerLLM(cfg)
-        if compile_blocks:  # torch.compile per block, one static graph per run (a fixed length, as in training)
+        if compile_blocks == "model":  # the whole model in one graph
+            model.compile_model()
+        elif compile_blocks:  # torch.compile per block, one static graph per run (a fixed length, as in training)
             model.compile_blocks()
     else:
         d, glu = cfg.d_model, cfg.glu_dim
         model = LlamaLM(cfg.vocab_size, d, cfg.n_layers, cfg.n_heads, hidden=glu + d // 3,
                         activation_checkpointing=ac)
-        if compile_blocks:  # the baseline compiled the same way
+        if compile_blocks == "model":  # the baseline compiled the same way
+            model.compile()
+        elif compile_blocks:
             for blk in model.blocks:
                 blk.compile(dynamic=False)
     return model.cuda()
@@ -126,7 +130,8 @@ def main():
     ap.add_argument("--baseline", default="llama", help="'llama' or 'none'")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--longest", action="store_true")
-    ap.add_argument("--compile", default="0", choices=["0", "1", "both"], help="TNL blocks under torch.compile: 0, 1, or 'both' (eager and compiled rows)")
+    ap.add_argument("--compile", default="0", choices=["0", "1", "both", "model"],
+                    help="torch.compile: 0, 1 (each block), 'both' (eager and block-compiled rows), 'model' (whole models)")
     ap.add_argument("--max-tokens", type=int, default=1 << 23)
     ap.add_argument("--offload", action="store_true", help="--longest with activation_offload (block inputs in host memory)")
     ap.add_argument("--seq-chunk", type=int, default=None, help="--longest with TNLConfig.seq_chunk = C tokens")
@@ -188,19 +193,24 @@ def main():
     else:
         head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | HFU | peak GiB | loss, step 1 |\n"
                  "|---|---|---|---|---|---|---|---|---|---|\n")
-        kinds = {"0": ["tnl"], "1": ["tnl+compile"], "both": ["tnl", "tnl+compile"]}[args.compile]
+        kinds = {"0": ["tnl"], "1": ["tnl+compile"], "both": ["tnl", "tnl+compile"],
+                 "model": ["tnl+model"]}[args.compile]
         if args.baseline == "llama":
-            kinds += {"0": ["llama"], "1": ["llama+compile"], "both": ["llama", "llama+compile"]}[args.compile]
+            kinds += {"0": ["llama"], "1": ["llama+compile"], "both": ["llama", "llama+compile"],
+                      "model": ["llama+model"]}[args.compile]
         for name in args.models.split(","):
             cfg = TNLConfig.preset(name)
             for T in [int(t) for t in args.lengths.split(",")]:
                 for kind in kinds:
                     label = {"tnl": "Lightning Attention-2 (seqpar)", "llama": "softmax, torch SDPA",
                              "tnl+compile": "Lightning Attention-2 (seqpar), blocks compiled",
-                             "llama+compile": "softmax, torch SDPA, blocks compiled"}[kind]
+                             "llama+compile": "softmax, torch SDPA, blocks compiled",
+                             "tnl+model": "Lightning Attention-2 (seqpar), model compiled",
+                             "llama+model": "softmax, torch SDPA, model compiled"}[kind]
                     try:
                         r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, bool(args.ac),
-                                    args.peak_tflops, compile_blocks=kind.endswith("compile"))
+                                    args.peak_tflops, compile_blocks=("model" if kind.endswith("model")
+                                                                      else kind.endswith("compile")))
                         rows.append(f"| {name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
                                     f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")
                     except torch.cuda.OutOfMemoryError:

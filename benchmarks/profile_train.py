@@ -74,15 +74,17 @@ def step_fn(model, opt, x, y):
     return loss
 
 
-def run_variant(name, T, B, ac, ce, compile_blocks, steps, warmup):
+def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup):
     cfg = TNLConfig.preset(name, activation_checkpointing=ac)
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = TransNormerLLM(cfg).cuda()
     if ce == "ckpt":
         model._chunked_ce_sum = old_ce_sum.__get__(model)
-    if compile_blocks:
+    if compile_scope == "blocks":
         model.compile_blocks()
+    elif compile_scope == "model":
+        model.compile_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
@@ -106,12 +108,14 @@ def run_variant(name, T, B, ac, ce, compile_blocks, steps, warmup):
             step_fn(model, opt, x, y)
         torch.cuda.synchronize()
     busy = 0.0
+    kernels = {}
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
         us = evt.time_range.elapsed_us()
         cats[category(evt.name)] = cats.get(category(evt.name), 0.0) + us / 2e3  # ms per step
         busy += us / 2e3
+        kernels[evt.name] = kernels.get(evt.name, 0.0) + us / 2e3
     # optimizer alone (fused AdamW over the model's parameters), for the table
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -126,7 +130,9 @@ def run_variant(name, T, B, ac, ce, compile_blocks, steps, warmup):
     r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, busy_ms=busy, cats=cats,
              mfu=model_flops_per_token(cfg) * tps / 989e12,
              hfu=hardware_flops_per_token(cfg, "full" if ac else "none") * tps / 989e12,
-             peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1])
+             peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1],
+             top=sorted(((ms, k) for k, ms in kernels.items()
+                         if category(k) not in ("GEMM", "lightning-attn")), reverse=True)[:12])
     del model, opt, x, y
     gc.collect()
     torch.cuda.empty_cache()
@@ -140,7 +146,8 @@ def main():
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--variants", default="ac1-ckpt,ac1-fused,ac0-ckpt,ac0-fused",
                     help="comma list of ac{0,1}-{ckpt,fused}")
-    ap.add_argument("--compile", type=int, default=1, help="compile each block (1/0)")
+    ap.add_argument("--compile", default="blocks", choices=["0", "1", "blocks", "model"],
+                    help="0: eager; 1 or blocks: compile each block; model: compile the whole model")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -150,12 +157,13 @@ def main():
     import triton
 
     dev = torch.cuda.get_device_name()
+    scope = {"0": None, "1": "blocks"}.get(args.compile, args.compile)
     results = []
     for name in args.models.split(","):
         for v in args.variants.split(","):
             ac, ce = v.split("-")
             try:
-                r = run_variant(name, args.T, args.B, ac == "ac1", ce, bool(args.compile), args.steps, args.warmup)
+                r = run_variant(name, args.T, args.B, ac == "ac1", ce, scope, args.steps, args.warmup)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name} {v}: OOM", flush=True)
                 gc.collect()
@@ -167,7 +175,7 @@ def main():
                   f"loss {r['loss_last']:.4f}", flush=True)
     cats = [c for c, _ in CATEGORIES] + ["other elementwise / reductions"]
     lines = [
-        f"# Where a training step's time goes (B{args.B} T{args.T}, compiled blocks={bool(args.compile)})", "",
+        f"# Where a training step's time goes (B{args.B} T{args.T}, compiled: {scope or 'no'})", "",
         f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; date {datetime.date.today()}; "
         f"bf16 autocast, fused AdamW; command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
         "GPU ms per step by kernel category (torch profiler, mean of 2 steps); host gaps = step - GPU busy; "
@@ -183,6 +191,11 @@ def main():
             f"| {r['model']} | {'full' if r['ac'] else 'none'} | {r['ce']} | {r['step_ms']:.1f} | {r['tps']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | " + " | ".join(cells)
             + f" | {r['busy_ms']:.1f} | {r['step_ms'] - r['busy_ms']:.1f} | {r['opt_ms']:.1f} | {r['loss_last']:.4f} |")
+    for r in results:  # where the non-GEMM, non-attention time goes, by kernel
+        lines += ["", f"Top kernels outside GEMM and lightning-attn, {r['model']}, recompute "
+                  f"{'full' if r['ac'] else 'none'}, head {r['ce']} (ms per step):", "",
+                  "| ms | category | kernel |", "|---|---|---|"]
+        lines += [f"| {ms:.2f} | {category(k)} | `{k[:110]}` |" for ms, k in r["top"]]
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"profile_train_{dev.replace(' ', '_')}_T{args.T}.md")

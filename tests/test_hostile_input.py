@@ -331,6 +331,9 @@ CONFIG_CASES = [
     (["model.overrides.n_layers=abc"], "model.overrides.n_layers must be int, got 'abc' (str)"),
     (["model.overrides.vocab_size=100"], "data.kind=corpus is byte-level (256 tokens) but the model's vocab_size is 100"),
     (["model.overrides=3"], "Cannot assign int to Dict[str, Any] (key: model.overrides)"),
+    (["model.compile_scope=layers"], "model.compile_scope must be auto, model or blocks, got 'layers'"),
+    (["trainer.accelerator=cpu", "trainer.devices=2", "parallel.sp=2", "model.overrides.seq_chunk=64"],
+     "model.overrides.seq_chunk=64 does not compose with parallel.sp=2"),
 ]
 
 

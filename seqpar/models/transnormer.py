@@ -333,6 +333,20 @@ class TransNormerLLM(nn.Module):
             layer.compile(**compile_kwargs)
         return self
 
+    def compile_model(self, **compile_kwargs) -> "TransNormerLLM":
+        """``torch.compile`` the whole model in place: embedding, blocks, final norm and the fused head in one
+        graph (the attention op and the head are custom ops, so no graph break without SP). Parameter names
+        are unchanged. Default ``dynamic=None``: static shapes first, a dimension that changes (e.g. the
+        number of packed documents) becomes dynamic on the recompile. Returns self.
+
+        The sequence-chunked path (``seq_chunk``) and ``activation_offload`` run their own autograd around
+        the blocks; with them each block is compiled instead (:meth:`compile_blocks`).
+        """
+        if self.config.seq_chunk is not None or self.config.activation_offload:
+            return self.compile_blocks(**compile_kwargs)
+        self.compile(**compile_kwargs)
+        return self
+
     # -- init / bookkeeping
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -65,6 +65,11 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # same initial weights on every layout
     data_meta, data_dtype, data_eos = _data_meta(cfg)  # memmap: meta.json of `seqpar prepare` sets vocab / dtype / eos
     model_cfg = build_model_config(cfg)
+    if model_cfg.seq_chunk is not None and (layout["sp"] > 1 or layout.get("fsdp")):  # now, not at the first step
+        what = f"parallel.sp={layout['sp']}" if layout["sp"] > 1 else "parallel.fsdp=true"
+        raise ConfigError(f"model.overrides.seq_chunk={model_cfg.seq_chunk} does not compose with {what} (each "
+                          "layer's SP exchange needs the whole shard; FSDP's unsharded copies would get no "
+                          "gradients): use seq_chunk=null, or parallel.sp=1 without fsdp")
     if d.kind == "corpus" and model_cfg.vocab_size < 256:
         raise ConfigError(f"data.kind=corpus is byte-level (256 tokens) but the model's vocab_size is {model_cfg.vocab_size}")
     try:
@@ -87,7 +92,7 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
     if d.kind == "memmap":
         check_vocab_covers_data(dm, model_cfg.vocab_size)
     if cfg.model.compile:
-        model.model.compile_blocks()
+        compile_model(model.model, cfg.model.compile_scope, layout)
 
     ckpt_dir = t.ckpt_dir or os.path.join(t.out_dir, "checkpoints")
     why = check_writable_dir(ckpt_dir)  # now, not at the first save ckpt_every steps into training
@@ -190,6 +195,19 @@ def _make_logger(t):
     if t.logger == "tensorboard":
         return TensorBoardLogger(t.out_dir, name="logs")
     return CSVLogger(t.out_dir, name="logs", flush_logs_every_n_steps=t.log_every)
+
+
+def compile_model(model, scope: str, layout: Dict[str, Any]) -> str:
+    """``model.compile``: the whole model in one graph ("model"), or each block ("blocks"); "auto" takes
+    "model" without SP and FSDP (whose exchanges and hooks sit between the blocks) and "blocks" otherwise.
+    Returns the scope used."""
+    if scope == "auto":
+        scope = "model" if layout["sp"] == 1 and not layout.get("fsdp") else "blocks"
+    if scope == "model":
+        model.compile_model()
+    else:
+        model.compile_blocks()
+    return scope
 
 
 def _make_trainer(t, o, layout, strategy, precision, callbacks, checkpoint_io, show_bar=None):

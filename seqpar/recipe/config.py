@@ -36,7 +36,8 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = datacl
 class ModelConfig:
     preset: str = _f("tiny", "tiny | tnl-0.4b | tnl-1b | tnl-3b | tnl-15b")
     overrides: Dict[str, Any] = _f(factory=dict, help="any TNLConfig field, type-checked, e.g. {n_layers: 4}")
-    compile: bool = _f(False, "torch.compile each block")
+    compile: bool = _f(False, "torch.compile the model (see compile_scope)")
+    compile_scope: str = _f("auto", "model (one graph) | blocks (each block) | auto (model without SP/FSDP, else blocks)")
 
 
 @dataclass
@@ -191,6 +192,8 @@ def check_values(cfg) -> None:
         ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
         ("data.val_fraction", d.val_fraction, 0.0 <= d.val_fraction < 1.0, "in [0, 1)"),
         ("parallel.sp", p.sp, p.sp is None or p.sp >= 1, ">= 1 or null"),
+        ("model.compile_scope", cfg.model.compile_scope, cfg.model.compile_scope in ("auto", "model", "blocks"),
+         "auto, model or blocks"),
         ("parallel.sp_mode", p.sp_mode, p.sp_mode in ("allgather", "ring"), "allgather or ring"),
         ("optim.lr", o.lr, o.lr > 0, "> 0"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),

@@ -12,7 +12,7 @@ The row pass is the Triton kernel of :mod:`.triton_ce` on CUDA (or on CPU tensor
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -43,44 +43,69 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, weight.dtype)
 
 
-class _LinearCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, grad_enabled):
-        N, d = h.shape
-        # no gradient GEMMs under no_grad (needs_input_grad only reflects requires_grad)
-        need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[0]), (grad_enabled and ctx.needs_input_grad[1])
-        w = weight.to(cdtype)
-        acc = torch.float64 if cdtype == torch.float64 else torch.float32
-        total = torch.zeros((), dtype=acc, device=h.device)
-        dh = torch.empty_like(h) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
-        use_triton = backend == "triton" or (backend is None and h.is_cuda)
-        if use_triton:
-            from .triton_ce import ce_fwd_bwd_
-        with torch.autocast(h.device.type, enabled=False):
-            for s in range(0, N, chunk_tokens):
-                hc = h[s : s + chunk_tokens].to(cdtype)
-                lc = labels[s : s + chunk_tokens]
-                logits = hc @ w.t()
-                if use_triton:
-                    rows = ce_fwd_bwd_(logits, lc, ignore_index)
-                else:
-                    rows = _ce_fwd_bwd_torch_(logits, lc, ignore_index)
-                total += rows.sum().to(acc)
-                if need_dh:
-                    dh[s : s + chunk_tokens] = logits @ w
-                if need_dw:
-                    dw += (logits.t() @ hc).to(acc)
-        ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
-        return total
+def _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, need_dh, need_dw):
+    """Loss sum and the stored gradients (dh [N, d] in h's dtype, dw [V, d] fp32/fp64; empty [0] when not
+    needed) of the chunked head."""
+    N, d = h.shape
+    w = weight.to(cdtype)
+    acc = torch.float64 if cdtype == torch.float64 else torch.float32
+    total = torch.zeros((), dtype=acc, device=h.device)
+    dh = torch.empty_like(h) if need_dh else h.new_empty(0)
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else weight.new_empty(0, dtype=acc)
+    use_triton = backend == "triton" or (backend == "auto" and h.is_cuda)
+    if use_triton:
+        from .triton_ce import ce_fwd_bwd_
+    with torch.autocast(h.device.type, enabled=False):
+        for s in range(0, N, chunk_tokens):
+            hc = h[s : s + chunk_tokens].to(cdtype)
+            lc = labels[s : s + chunk_tokens]
+            logits = hc @ w.t()
+            if use_triton:
+                rows = ce_fwd_bwd_(logits, lc, ignore_index)
+            else:
+                rows = _ce_fwd_bwd_torch_(logits, lc, ignore_index)
+            total += rows.sum().to(acc)
+            if need_dh:
+                dh[s : s + chunk_tokens] = logits @ w
+            if need_dw:
+                dw += (logits.t() @ hc).to(acc)
+    return total, dh, dw
 
-    @staticmethod
-    def backward(ctx, g):
-        dh, dw = ctx.saved_tensors
-        gh = (dh * g.to(dh.dtype)) if dh is not None else None
-        gw = (dw * g.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
-        return gh, gw, None, None, None, None, None, None
+
+# A torch.library custom op (with a fake implementation), so torch.compile traces the head without a
+# graph break; the chunk loop and the Triton row pass run inside it.
+@torch.library.custom_op("seqpar::linear_ce", mutates_args=())
+def linear_ce_op(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk_tokens: int,
+                 backend: str, cdtype: torch.dtype, need_dh: bool, need_dw: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss sum [] fp32/fp64, dh [N, d] or [0], dw [V, d] fp32/fp64 or [0]); inputs validated."""
+    with torch.no_grad():
+        return _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, need_dh, need_dw)
+
+
+@linear_ce_op.register_fake
+def _(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, need_dh, need_dw):
+    acc = torch.float64 if cdtype == torch.float64 else torch.float32
+    dh = h.new_empty(h.shape) if need_dh else h.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=acc) if need_dw else weight.new_empty(0, dtype=acc)
+    return h.new_empty((), dtype=acc), dh, dw
+
+
+def _setup_context(ctx, inputs, output):
+    _, dh, dw = output
+    ctx.save_for_backward(dh, dw)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.need_dh, ctx.need_dw = inputs[7], inputs[8]
+
+
+def _backward(ctx, g, _gdh, _gdw):
+    dh, dw = ctx.saved_tensors
+    gh = dh * g.to(dh.dtype) if ctx.need_dh else None
+    gw = (dw * g.to(dw.dtype)).to(ctx.weight_dtype) if ctx.need_dw else None
+    return gh, gw, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("seqpar::linear_ce", _backward, setup_context=_setup_context)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
@@ -112,5 +137,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if h.device != weight.device or h.device != labels.device:
         raise ValueError(f"h, weight and labels must be on one device, got {h.device}, {weight.device}, {labels.device}")
     cdtype = _compute_dtype(h, weight)
-    return _LinearCE.apply(h, weight, labels.contiguous(), int(ignore_index), chunk_tokens, backend, cdtype,
-                          torch.is_grad_enabled())
+    grad = torch.is_grad_enabled()  # no gradient GEMMs under no_grad
+    total, _, _ = linear_ce_op(h, weight, labels.contiguous(), int(ignore_index), chunk_tokens, backend or "auto",
+                               cdtype, grad and h.requires_grad, grad and weight.requires_grad)
+    return total
