@@ -4,6 +4,10 @@
 #                                           chunked training, SP/FSDP over gloo with processes sharing the GPU
 #   bash benchmarks/gpu_checks.sh train     profile of tnl-0.4b/1b at 32K, bench_train vs compiled LLaMA,
 #                                           train.py per-step lines, longest chunked sequence, tnl-3b with fsdp
+#   bash benchmarks/gpu_checks.sh compile   whole-model compile: GPU compile tests, profile (blocks vs model),
+#                                           bench_train vs LLaMA compiled whole, train.py model.compile=true
+#   bash benchmarks/gpu_checks.sh chunk     longest chunked sequences without block checkpointing (tnl-0.4b, tnl-1b)
+#   bash benchmarks/gpu_checks.sh parity    loss after 200 steps, fast path vs eager path, two seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,4 +41,29 @@ if [[ $what == long ]]; then
     data.seq_len=32768 model.overrides.activation_checkpointing=true trainer.max_steps=6 trainer.log_every=1 \
     trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/tnl3b_fsdp1 2>&1 | grep -E "step|done|Error" | tail -8
   python3 benchmarks/memory_plan.py --models tnl-3b --worlds 1 --tokens 32768 2>&1 | tail -6
+fi
+if [[ $what == compile ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_compile.py tests/kernels/test_linear_ce.py \
+    2>&1 | tee "$OUT/gpu_tests_compile.log" | tail -4
+  timeout 240 python3 benchmarks/profile_train.py --models tnl-0.4b --T 32768 --variants ac0-fused --compile blocks \
+    --steps 3 --warmup 2 --out "$OUT/blocks" 2>&1 | grep -E "^tnl" | tail -3
+  timeout 240 python3 benchmarks/profile_train.py --models tnl-0.4b --T 32768 --variants ac0-fused --compile model \
+    --steps 3 --warmup 2 --out "$OUT/model" 2>&1 | grep -E "^tnl" | tail -3
+  timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 32768 \
+    --steps 3 --warmup 2 --ac 0 --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -4
+  timeout 200 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
+    model.compile=true trainer.max_steps=30 trainer.log_every=10 trainer.val_check_interval=null trainer.ckpt_every=0 \
+    trainer.out_dir=/tmp/r04m 2>&1 | grep -E "^step|done|Error" | tail -6
+fi
+if [[ $what == chunk ]]; then
+  timeout 330 python3 benchmarks/bench_train.py --longest --seq-chunk 16384 --ac 0 --models tnl-0.4b \
+    --start-tokens 1048576 --max-tokens 4194304 --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+fi
+if [[ $what == chunk1b ]]; then
+  timeout 300 python3 benchmarks/bench_train.py --longest --seq-chunk 16384 --ac 0 --models tnl-1b \
+    --start-tokens 2097152 --max-tokens 2097152 --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+fi
+if [[ $what == parity ]]; then
+  timeout 420 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1 --out "$OUT" \
+    2>&1 | tail -14
 fi

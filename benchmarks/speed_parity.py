@@ -1,0 +1,117 @@
+"""Speed may not change the math: loss after N training steps of the fast path against the plain eager path.
+
+Trains the same model from the same seed on the embedded corpus (byte tokens, the stdlib sources) for
+``--steps`` steps per path and seed, bf16 autocast, AdamW (fused on the GPU, clipping 1.0), a cosine
+schedule, and compares the mean loss of the last 10 steps. Paths:
+
+    eager       no torch.compile; the head before seqpar.kernels.linear_ce (lm head + fp32 cross entropy per
+                chunk under torch.utils.checkpoint, recomputed in the backward)
+    fast        the whole model under torch.compile (``compile_model``) with the fused linear + CE head
+
+The difference between paths is judged against the difference between seeds of one path (run-to-run
+noise). Writes a table to ``--out``.
+
+    python benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_train import old_ce_sum  # noqa: E402
+
+from seqpar.data.corpus import load_corpus  # noqa: E402
+from seqpar.models import TNLConfig, TransNormerLLM  # noqa: E402
+
+
+def batches(tokens: np.ndarray, B: int, T: int, steps: int, seed: int):
+    """[B, T+1] windows at random offsets (one stream per seed)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        starts = rng.integers(0, len(tokens) - T - 1, size=B)
+        yield torch.from_numpy(np.stack([tokens[s:s + T + 1] for s in starts]).astype(np.int64))
+
+
+def train(path: str, model_name: str, B: int, T: int, steps: int, seed: int, lr: float, tokens: np.ndarray,
+          dev: str):
+    torch.manual_seed(seed)
+    torch._dynamo.reset()
+    cfg = TNLConfig.preset(model_name)
+    model = TransNormerLLM(cfg).to(dev)
+    if path == "eager":
+        model._chunked_ce_sum = old_ce_sum.__get__(model)
+    elif dev == "cuda":
+        model.compile_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=dev == "cuda")
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    losses, t0 = [], time.perf_counter()
+    for batch in batches(tokens, B, T, steps, seed):
+        batch = batch.to(dev)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            loss = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    losses = [x.item() for x in losses]
+    return dict(path=path, seed=seed, final=float(np.mean(losses[-10:])), first=losses[0],
+                seconds=time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tnl-0.4b")
+    ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--B", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = load_corpus()
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for path in ("eager", "fast"):
+            r = train(path, args.model, args.B, args.T, args.steps, seed, args.lr, tokens, dev)
+            rows.append(r)
+            print(f"{path} seed {seed}: first {r['first']:.4f}, last-10 mean {r['final']:.4f}, {r['seconds']:.0f} s",
+                  flush=True)
+    by = {(r["path"], r["seed"]): r["final"] for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    path_diff = [abs(by[("fast", s)] - by[("eager", s)]) for s in seeds]
+    seed_diff = [abs(by[(p, seeds[0])] - by[(p, seeds[-1])]) for p in ("eager", "fast")] if len(seeds) > 1 else []
+    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+    import triton
+
+    lines = [f"# Loss parity: fast path vs eager path, {args.model} B{args.B} T{args.T}, {args.steps} steps", "",
+             f"device: {name}; torch {torch.__version__}, triton {triton.__version__}; date {datetime.date.today()}; "
+             f"command: `python benchmarks/speed_parity.py {' '.join(sys.argv[1:])}`", "",
+             "| path | seed | loss, step 1 | mean loss, last 10 steps | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['seed']} | {r['first']:.4f} | {r['final']:.4f} | {r['seconds']:.0f} |" for r in rows]
+    lines += ["", f"|fast - eager| per seed: {', '.join(f'{d:.4f}' for d in path_diff)}; "
+              f"|seed {seeds[0]} - seed {seeds[-1]}| per path: {', '.join(f'{d:.4f}' for d in seed_diff) or 'n/a'}"]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, f"speed_parity_{args.model}_T{args.T}_{args.steps}steps.md")
+    with open(out, "w") as f:
+        f.write(text)
+    print(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
