@@ -66,6 +66,7 @@ def test_unknown_keys_name_the_key(overrides, match):
     ({"state_bf16": "fp8"}, "state_bf16"),
     ({"fwd": {"BLK": 48}}, "fwd.*BLK"),
     ({"dqdk": {"num_warps": 3}}, "dqdk.*num_warps"),
+    ({"dqdk": {"num_warps": True}}, "dqdk.*num_warps"),
     ({"dv": {"num_stages": 0}}, "dv.*num_stages"),
     ({"small": {"scan": {"BLK": 8}}}, "small.scan.*BLK"),
     ({"waves": 0}, "waves"),

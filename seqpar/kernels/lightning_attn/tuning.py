@@ -18,11 +18,10 @@ import dataclasses
 import functools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 KINDS = ("seg", "scan", "fwd", "dqdk", "dv", "dv_fused")
-LOOKBACK_MODES = (True, False, "fwd")
 STATE_BF16_MODES = {"bf16": 0, "tf32": 1, "split": 2}  # value of the kernels' STATE constexpr
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _WARPS = (1, 2, 4, 8, 16, 32)
@@ -47,7 +46,7 @@ def _check_launch_values(owner: str, blk, num_warps, num_stages, maxnreg, option
     if not (blk is None and optional):
         if type(blk) is not int or blk < 16 or blk > 256 or blk & (blk - 1):
             raise ValueError(f"{owner}.BLK must be a power of two in [16, 256], got {blk!r}")
-    if not (num_warps is None and optional) and num_warps not in _WARPS:
+    if not (num_warps is None and optional) and (type(num_warps) is not int or num_warps not in _WARPS):
         raise ValueError(f"{owner}.num_warps must be one of {_WARPS}, got {num_warps!r}")
     _check_int(owner, "num_stages", num_stages, optional=True)
     _check_int(owner, "maxnreg", maxnreg, lo=16, optional=True)
