@@ -278,18 +278,21 @@ TUNE_VARIANTS = {
 }
 
 
-def use_variant(chunk, base, name):
-    """Set chunk.CONFIG to a deep copy of `base` with TUNE_VARIANTS[name] applied (dict entries update)."""
-    import copy
+def use_variant(base, name):
+    """The LaunchConfig `base` with TUNE_VARIANTS[name] applied (``base.replace(**overrides)``: dict entries
+    update the nested values they name)."""
+    if name not in TUNE_VARIANTS:
+        raise ValueError(f"unknown tuning variant {name!r}; expected one of {sorted(TUNE_VARIANTS)}")
+    return base.replace(**TUNE_VARIANTS[name])
 
-    cfg = copy.deepcopy(base)
-    for key, val in TUNE_VARIANTS[name].items():
-        if isinstance(val, dict):
-            cfg[key].update(val)
-        else:
-            cfg[key] = val
-    chunk.CONFIG.clear()
-    chunk.CONFIG.update(cfg)
+
+def variant_configs(names, base=None):
+    """{name: LaunchConfig} for the variant names, built before anything runs so that a bad name or value
+    fails at once; base: the config the variants start from (None: DEFAULT with SEQPAR_LA_CONFIG)."""
+    from seqpar.kernels.lightning_attn import tuning
+
+    base = tuning.from_env() if base is None else base
+    return {name: use_variant(base, name) for name in names}
 
 
 def _lb_split(prof, n):
@@ -304,12 +307,12 @@ def _lb_split(prof, n):
 
 
 def tune(shapes, variants, device):
-    """Per-kernel times (torch.profiler) of seqpar fwd+bwd under launch-config variants."""
-    import copy
-    import importlib
+    """Per-kernel times (torch.profiler) of seqpar fwd+bwd under launch-config variants (names of
+    TUNE_VARIANTS, each a LaunchConfig passed to chunk_lightning_attn)."""
+    from seqpar.kernels.lightning_attn import plan as plan_mod
+    from seqpar.kernels.lightning_attn.chunk import chunk_lightning_attn
 
-    chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
-    base = copy.deepcopy(chunk.CONFIG)
+    configs = variant_configs(variants)
     knames = ("_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel",
               "_lb_walk_kernel")
     lines = ["| shape | variant | seg_chunks (lb_chunks) | kernel ms: " + " / ".join(
@@ -318,20 +321,19 @@ def tune(shapes, variants, device):
     from triton.testing import do_bench
     from torch.profiler import ProfilerActivity, profile
 
-    from seqpar import lightning_attn
-
     results = []
     for B, H, T, D in shapes:
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         s = alibi_slopes(H).to(device)
         do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
-        for name in variants:
-            use_variant(chunk, base, name)
+        scale = D ** -0.5
+        for name, cfg in configs.items():
             try:
-                step = lambda: lightning_attn(q, k, v, s, backend="triton")[0].backward(do)  # noqa: E731
+                fwd_fn = lambda cfg=cfg: chunk_lightning_attn(q, k, v, s, scale, config=cfg)[0]  # noqa: E731
+                step = lambda fwd_fn=fwd_fn: fwd_fn().backward(do)  # noqa: E731
                 step()
                 torch.cuda.synchronize()
-                plan = chunk._Plan(B, T, H, D, D, None, q.device)
+                plan = plan_mod._Plan(B, T, H, D, D, None, q.device, cfg)
                 n = 3
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     for _ in range(n):
@@ -346,14 +348,13 @@ def tune(shapes, variants, device):
                             times[kname] = times.get(kname, 0.0) + t / n / 1000.0
                 tot = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v], quantiles=[0.5])
                 tot = tot[0] if isinstance(tot, (list, tuple)) else tot
-                fwd = do_bench(lambda: lightning_attn(q, k, v, s, backend="triton")[0], warmup=10, rep=50,
-                               quantiles=[0.5])
+                fwd = do_bench(fwd_fn, warmup=10, rep=50, quantiles=[0.5])
                 fwd = fwd[0] if isinstance(fwd, (list, tuple)) else fwd
                 ks = " / ".join(f"{times.get(x, float('nan')):.3f}" for x in knames)
                 lb = _lb_split(prof, n)
                 if lb:
                     ks += " (o / dq / dk / dv: " + " / ".join(f"{x:.3f}" for x in lb) + ")"
-                segs = f"{plan.seg_chunks} ({plan.lb_chunks})" if chunk.CONFIG.get("lookback") is True else str(plan.seg_chunks)
+                segs = f"{plan.seg_chunks} ({plan.lb_chunks})" if cfg.lookback is True else str(plan.seg_chunks)
                 line = f"| {B},{H},{T},{D} | {name} | {segs} | {ks} | {fwd:.3f} | {tot:.3f} |"
                 if (B, H, T, D) == shapes[0]:
                     results.append((name, tot))
@@ -362,8 +363,6 @@ def tune(shapes, variants, device):
             print(line, flush=True)
             lines.append(line)
         del q, k, v, do
-    chunk.CONFIG.clear()
-    chunk.CONFIG.update(base)
     best = min(results, key=lambda r: r[1]) if results else None
     if best is not None:
         import json
@@ -382,10 +381,15 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--breakdown", default="4,16,32768,128")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip the rest after this many seconds")
-    ap.add_argument("--tune", nargs="*", default=None, help="variants of chunk.CONFIG to profile (see TUNE_VARIANTS)")
+    ap.add_argument("--tune", nargs="*", default=None,
+                    help="launch-config variants to profile, names of TUNE_VARIANTS (none given: all of them); "
+                         "each is LaunchConfig.replace(**TUNE_VARIANTS[name]) of the default config")
     args = ap.parse_args()
     device = "cuda"
     if args.tune is not None:
+        unknown = [n for n in args.tune if n not in TUNE_VARIANTS]
+        if unknown:
+            ap.error(f"unknown --tune variants {unknown}; known: {' '.join(TUNE_VARIANTS)}")
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else [(4, 16, 32768, 128)]
         text = tune(shapes, args.tune or list(TUNE_VARIANTS), device)
         print(text)

@@ -45,7 +45,7 @@ def host_rounds(fns, steps, rounds=7):
     return {name: (min(ts), sorted(ts)[len(ts) // 2]) for name, ts in got.items()}
 
 
-def floors(chunk, q, k, v, do, steps):
+def floors(q, k, v, do, steps):
     """Host cost of the parts of a step that do not depend on seqpar's kernels: torch SDPA's fwd+bwd step,
     a Python autograd.Function that launches nothing (allocations only), and one Triton launch of a
     seqpar kernel through JITFunction.__getitem__ vs the compiled kernel's own launcher."""
@@ -71,21 +71,24 @@ def floors(chunk, q, k, v, do, steps):
     def noop():
         Noop.apply(q, k, v).backward(do)
 
+    from seqpar.kernels.lightning_attn import kernels, launch, plan as plan_mod
+    from seqpar.kernels.lightning_attn.tuning import DEFAULT
+
     B, T, H, D = q.shape
-    plan = chunk._Plan(B, T, H, D, D, None, q.device)
+    plan = plan_mod._Plan(B, T, H, D, D, None, q.device, DEFAULT)
     buf = torch.zeros(plan.NSEG, H, D, D, device=q.device)
     slopes = torch.full((H,), 0.1, device=q.device)
-    BD, BE = chunk._blocks_state(D, D, "scan")
-    d = chunk._dummy(q.device)
-    grid = (plan.N * H * chunk._cdiv(D, BD) * chunk._cdiv(D, BE), 1, 1)
+    BD, BE = launch._blocks_state(DEFAULT, D, D, "scan")
+    d = launch._dummy(q.device)
+    grid = (plan.N * H * plan_mod._cdiv(D, BD) * plan_mod._cdiv(D, BE), 1, 1)
     pos = (buf, d, d, slopes, d, d, plan.T, H, D, D, plan.NS, plan.SEG_T)
     kw = dict(BD=BD, BE=BE, REVERSE=False, HAS_INIT=False, STORE_FIN=False, IS_VARLEN=False, num_warps=4)
 
     def jit_launch():
-        chunk._scan_kernel[grid](*pos, **kw)
+        kernels._scan_kernel[grid](*pos, **kw)
 
-    compiled = chunk._scan_kernel[grid](*pos, **kw)
-    names = chunk._scan_kernel.arg_names
+    compiled = kernels._scan_kernel[grid](*pos, **kw)
+    names = kernels._scan_kernel.arg_names
     full = list(pos) + [kw[n] for n in names[len(pos):]]
     runner = compiled[grid]
 
@@ -97,14 +100,20 @@ def floors(chunk, q, k, v, do, steps):
             "the same launch via the CompiledKernel launcher": compiled_launch}
 
 
-def per_launch(chunk, step, steps=300, repeats=3):
-    """Median host us of each launcher call (chunk._call, by kernel) inside the step, fast launch on / off,
-    autograd on its worker thread / on the calling thread; one line per (mode, kernel) with `repeats` medians."""
+def per_launch(step_with, steps=300, repeats=3):
+    """Median host us of each launcher call (launch._call, by kernel) inside the step, fast launch on / off,
+    autograd on its worker thread / on the calling thread; one line per (mode, kernel) with `repeats` medians.
+    step_with(cfg): the step with the LaunchConfig cfg."""
     import collections
     import statistics
 
+    from seqpar.kernels.lightning_attn import launch
+    from seqpar.kernels.lightning_attn.tuning import from_env
+
+    base = from_env()
+    fast, slow = base.replace(fast_launch=True), base.replace(fast_launch=False)
     acc = collections.defaultdict(list)
-    orig = chunk._call
+    orig = launch._call
 
     def timed(kernel, grid, *args, **kwargs):
         t0 = time.perf_counter()
@@ -113,12 +122,12 @@ def per_launch(chunk, step, steps=300, repeats=3):
         finally:
             acc[kernel.fn.__name__].append(time.perf_counter() - t0)
 
-    modes = {"fast, worker thread": with_config(chunk, step, fast_launch=True),
-             "off, worker thread": with_config(chunk, step, fast_launch=False),
-             "fast, calling thread": on_main_thread(with_config(chunk, step, fast_launch=True)),
-             "off, calling thread": on_main_thread(with_config(chunk, step, fast_launch=False))}
+    modes = {"fast, worker thread": step_with(fast),
+             "off, worker thread": step_with(slow),
+             "fast, calling thread": on_main_thread(step_with(fast)),
+             "off, calling thread": on_main_thread(step_with(slow))}
     out = collections.defaultdict(list)
-    chunk._call = timed
+    launch._call = timed
     try:
         for _ in range(repeats):
             for mode, fn in modes.items():
@@ -132,22 +141,10 @@ def per_launch(chunk, step, steps=300, repeats=3):
                 for name, ts in acc.items():
                     out[(mode, name)].append(statistics.median(ts) * 1e6)
     finally:
-        chunk._call = orig
+        launch._call = orig
     print(f"host us per launcher call inside the step (medians of {steps} steps, {repeats} repeats):")
     for (mode, name), vals in sorted(out.items()):
         print(f"| {mode} | {name} | " + " / ".join(f"{v:.0f}" for v in vals) + " |")
-
-
-def with_config(chunk, fn, **overrides):
-    """fn with chunk.CONFIG entries overridden for the call."""
-    def run():
-        saved = {key: chunk.CONFIG[key] for key in overrides}
-        chunk.CONFIG.update(overrides)
-        try:
-            fn()
-        finally:
-            chunk.CONFIG.update(saved)
-    return run
 
 
 def on_main_thread(fn):
@@ -176,6 +173,21 @@ def main():
         o, _ = lightning_attn(q, k, v, s, backend="triton")
         o.backward(do)
 
+    from seqpar.kernels.lightning_attn import launch, plan as plan_mod
+    from seqpar.kernels.lightning_attn.chunk import chunk_lightning_attn
+    from seqpar.kernels.lightning_attn.interface import validate_inputs
+    from seqpar.kernels.lightning_attn.tuning import from_env
+
+    scale = D ** -0.5
+
+    def step_with(cfg):
+        """The step of lightning_attn (the same checks, then the Triton entry) with the LaunchConfig cfg."""
+        def run():
+            validate_inputs(q, k, v, s, None, None, None, "triton")
+            o, _ = chunk_lightning_attn(q, k, v, s, scale, config=cfg)
+            o.backward(do)
+        return run
+
     # host time per step: enqueue only (the GPU lags behind when the host is the bottleneck)
     t_host, t_wall = host_time(step, args.steps)
     # GPU time of one step, from a CUDA graph-free event pair around a synchronized step
@@ -187,15 +199,12 @@ def main():
     torch.cuda.synchronize()
     print(f"shape {args.shape}: host enqueue {t_host * 1e3:.3f} ms/step, wall {t_wall * 1e3:.3f} ms/step, "
           f"one step between events {e0.elapsed_time(e1):.3f} ms")
-    import importlib
-
-    chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
-    fl = floors(chunk, q, k, v, do, args.steps)
+    fl = floors(q, k, v, do, args.steps)
     fns = {"seqpar fwd+bwd step": step, "seqpar fwd+bwd step, autograd on the calling thread": on_main_thread(step)}
-    if "fast_launch" in chunk.CONFIG:  # the same step through Triton's own launch path
-        fns["seqpar fwd+bwd step, fast_launch off"] = with_config(chunk, step, fast_launch=False)
-        fns["seqpar fwd+bwd step, fast_launch off, autograd on the calling thread"] = on_main_thread(
-            with_config(chunk, step, fast_launch=False))
+    # the same step through Triton's own launch path
+    slow = from_env().replace(fast_launch=False)
+    fns["seqpar fwd+bwd step, fast_launch off"] = step_with(slow)
+    fns["seqpar fwd+bwd step, fast_launch off, autograd on the calling thread"] = on_main_thread(step_with(slow))
     for name in ("torch SDPA fwd+bwd step", "no-op autograd.Function fwd+bwd step"):
         fns[name] = fl[name]
         fns[name + ", autograd on the calling thread"] = on_main_thread(fl[name])
@@ -203,21 +212,22 @@ def main():
     print(f"host ms per call, {args.rounds} interleaved rounds of {args.steps} calls: min / median")
     for name, (lo, med) in host_rounds(fns, args.steps, args.rounds).items():
         print(f"| {name} | {lo:.3f} / {med:.3f} |")
-    if args.per_launch and "fast_launch" in chunk.CONFIG:
-        per_launch(chunk, step)
+    if args.per_launch:
+        per_launch(step_with)
     # the whole step on this thread (autograd's device threads off), so cProfile sees the backward too
     profile_calls("whole step, autograd on the main thread", on_main_thread(step), args.steps, 25)
     # and its two launchers: the forward through the public API, the backward launcher called directly
-    scale = D ** -0.5
-    plan = chunk._Plan(B, T, H, D, D, None, q.device)  # default "fwd" mode: look-back segments = scan's
-    _, _, hbuf = chunk.lightning_attn_fwd_lb(q.detach(), k.detach(), v.detach(), s, scale, None, plan, True)
+    cfg = from_env()
+    plan = plan_mod._Plan(B, T, H, D, D, None, q.device, cfg)  # default "fwd" mode: look-back segments = scan's
+    _, _, hbuf = launch.lightning_attn_fwd_lb(q.detach(), k.detach(), v.detach(), s, scale, None, plan, cfg, True)
 
     def fwd():
         with torch.no_grad():
             lightning_attn(q, k, v, s, backend="triton")
 
     def bwd():
-        chunk.lightning_attn_bwd(q.detach(), k.detach(), v.detach(), do, None, s, scale, False, hbuf, plan, False)
+        launch.lightning_attn_bwd(q.detach(), k.detach(), v.detach(), do, None, s, scale, False, hbuf, plan, cfg,
+                                  False)
 
     profile_calls("forward (lightning_attn, no grad)", fwd, args.steps, 18)
     profile_calls("backward launcher", bwd, args.steps, 18)

@@ -11,7 +11,6 @@ walks (benchmarks/NOTES_kernel.md), so this is the table to read before and afte
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 
@@ -33,17 +32,18 @@ def programs_per_sm(n_regs: int, shared: int, warps: int) -> tuple:
     return by_regs, by_smem, min(by_regs, by_smem, WARPS_PER_SM // warps, 32)
 
 
-def record_step(shape, device):
-    """Run one fwd+bwd step; return [(kernel name, launch options, compiled kernel)] in launch order."""
-    from seqpar import lightning_attn
-    from seqpar.kernels.lightning_attn import chunk
+def record_step(shape, device, cfg):
+    """Run one fwd+bwd step with the LaunchConfig cfg; return [(kernel name, launch options, compiled kernel)]
+    in launch order."""
+    from seqpar.kernels.lightning_attn import launch
+    from seqpar.kernels.lightning_attn.chunk import chunk_lightning_attn
 
     B, H, T, D = shape
     q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     s = torch.linspace(0.01, 0.5, H, device=device)
     do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
     seen = []
-    orig = chunk._call
+    orig = launch._call
 
     def spy(kernel, grid, *args, **kwargs):
         ck = orig(kernel, grid, *args, **kwargs)
@@ -51,31 +51,28 @@ def record_step(shape, device):
         seen.append((getattr(kernel, "__name__", getattr(getattr(kernel, "fn", None), "__name__", "?")), opts, ck))
         return ck
 
-    chunk._call = spy
+    launch._call = spy  # the launchers look _call up in their module at every launch
     try:
-        lightning_attn(q, k, v, s, backend="triton")[0].backward(do)
+        chunk_lightning_attn(q, k, v, s, D ** -0.5, config=cfg)[0].backward(do)
         torch.cuda.synchronize()
     finally:
-        chunk._call = orig
+        launch._call = orig
     return seen
 
 
 def table(shape, variants, device) -> str:
-    from bench_kernel import use_variant
+    from bench_kernel import variant_configs
 
-    from seqpar.kernels.lightning_attn import chunk
-
-    base = copy.deepcopy(chunk.CONFIG)
+    configs = variant_configs(variants)
     lines = [
         f"B,H,T,D = {','.join(map(str, shape))}, bf16, {torch.cuda.get_device_name()}",
         "",
         "| variant | kernel | warps | stages | maxnreg | registers | spilled bytes | shared KB | programs/SM by regs, smem | resident warps/SM |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in variants:
-        use_variant(chunk, base, name)
+    for name, cfg in configs.items():
         try:
-            for kname, opts, ck in record_step(shape, device):
+            for kname, opts, ck in record_step(shape, device, cfg):
                 n_regs = getattr(ck, "n_regs", None)
                 if n_regs is None and hasattr(ck, "_init_handles"):
                     ck._init_handles()
@@ -90,8 +87,6 @@ def table(shape, variants, device) -> str:
         except Exception as e:  # noqa: BLE001
             lines.append(f"| {name} | error {type(e).__name__}: {str(e)[:100]} | | | | | | | | |")
         print(lines[-1], flush=True)
-    chunk.CONFIG.clear()
-    chunk.CONFIG.update(base)
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 # Hardware counters (Nsight Compute) of the Triton LA2 kernels of one fwd+bwd step, one report per path:
 #   bash benchmarks/ncu_kernels.sh [B,H,T,D] [outdir] [paths]
 # (defaults 4,16,32768,128, benchmarks/results, "default"; paths from: default scan lookback, i.e.
-# CONFIG["lookback"] = "fwd" / False / True). Writes ncu_<path>_<shape>.txt (details page: speed of light,
+# LaunchConfig.lookback = "fwd" / False / True via SEQPAR_LA_CONFIG). Writes ncu_<path>_<shape>.txt (details: speed of light,
 # occupancy, launch stats, warp states, memory workload incl. register spills). Clocks are left alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -2,9 +2,10 @@
 
 On a machine without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1) on CPU tensors, so the shapes stay small; with a GPU the same tests run on CUDA.
-Outputs are NaN-poisoned before the kernels run (chunk.POISON), so an element that no program writes
-fails the comparison. Small segments (SEG_CHUNKS) make every case cross several segments, so the
-segment scan, the carried state and the reverse scan are exercised as on long sequences.
+The tests pass their launch config (CFG, a LaunchConfig) to chunk_lightning_attn: outputs are
+NaN-poisoned before the kernels run (poison=True), so an element that no program writes fails the
+comparison, and small segments (seg_chunks=1) make every case cross several segments, so the segment
+scan, the carried state and the reverse scan are exercised as on long sequences.
 
 Tolerances (relative error ||x - ref|| / ||ref||):
 * fp32: 1e-4 (fp32 dots: the interpreter, or input_precision="ieee" on GPU; measured ~1e-7).
@@ -21,10 +22,17 @@ import torch
 
 from seqpar import lightning_attn
 from seqpar.kernels.lightning_attn import naive_quadratic_lightning_attn
+from seqpar.kernels.lightning_attn.interface import validate_inputs
+from seqpar.kernels.lightning_attn.tuning import DEFAULT
 
 chunk = importlib.import_module("seqpar.kernels.lightning_attn.chunk")
+kernels = importlib.import_module("seqpar.kernels.lightning_attn.kernels")
+launch = importlib.import_module("seqpar.kernels.lightning_attn.launch")
+plan_mod = importlib.import_module("seqpar.kernels.lightning_attn.plan")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# poisoned outputs, one-chunk segments, exact fp32 dots
+CFG = DEFAULT.replace(poison=True, seg_chunks=1, fp32_precision="ieee")
 
 SLOPES = {
     "zero": lambda H: torch.zeros(H),
@@ -32,14 +40,6 @@ SLOPES = {
     "strong": lambda H: torch.linspace(0.5, 10.0, H),
     "extreme": lambda H: torch.linspace(10.0, 30.0, H),
 }
-
-
-@pytest.fixture(autouse=True)
-def _poison_and_small_segments(monkeypatch):
-    monkeypatch.setattr(chunk, "POISON", True)
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", 1)
-    monkeypatch.setattr(chunk, "FP32_PRECISION", "ieee")
-    yield
 
 
 def rel(x, ref):
@@ -67,8 +67,10 @@ def _run(q, k, v, s, h0, cu, do, dht, backend_fn):
     return o.detach(), ht.detach(), list(grads)
 
 
-def _triton(q, k, v, s, h0, cu):
-    return lightning_attn(q, k, v, s, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton")
+def _triton(q, k, v, s, h0, cu, config=CFG):
+    """The Triton backend with a launch config, inputs checked as lightning_attn checks them."""
+    validate_inputs(q, k, v, s, None, h0, cu, "triton")
+    return chunk.chunk_lightning_attn(q, k, v, s, q.shape[-1] ** -0.5, h0, True, cu, config=config)
 
 
 def _naive(q, k, v, s, h0, cu):
@@ -88,14 +90,16 @@ def _make(B, T, H, D, E, dtype, decay, with_h0, cu=None, seed=0):
     return q, k, v, s, h0, do, dht
 
 
-def _check(B, T, H, D, E, dtype, decay, with_h0, with_dht, cu=None, seed=0, slopes=None, ref_dev="cpu"):
+def _check(B, T, H, D, E, dtype, decay, with_h0, with_dht, cu=None, seed=0, slopes=None, ref_dev="cpu",
+           config=CFG):
     q, k, v, s, h0, do, dht = _make(B, T, H, D, E, dtype, decay, with_h0, cu, seed)
     if slopes is not None:
         s = slopes.float()
     dht = dht if with_dht else None
     dev = lambda x: x.to(DEV) if x is not None else None  # noqa: E731
     cu_d = dev(cu)
-    o, ht, grads = _run(dev(q), dev(k), dev(v), dev(s), dev(h0), cu_d, dev(do), dev(dht), _triton)
+    triton_fn = lambda *xs: _triton(*xs, config=config)  # noqa: E731
+    o, ht, grads = _run(dev(q), dev(k), dev(v), dev(s), dev(h0), cu_d, dev(do), dev(dht), triton_fn)
     if ref_dev != "cpu":
         q, k, v, s, h0, do, dht, cu = (x.to(ref_dev) if x is not None else None for x in (q, k, v, s, h0, do, dht, cu))
     assert o.dtype == dtype and o.shape == (B, T, H, E)
@@ -181,27 +185,20 @@ def test_bf16_long_sequences_every_gradient_within_twice_naive(T, with_h0, cu):
 
 
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
-def test_bf16_state_modes(mode, monkeypatch):
-    """CONFIG["state_bf16"]: "tf32" (fp32 operands: exact fp32 on the interpreter) keeps the state within
+def test_bf16_state_modes(mode):
+    """LaunchConfig.state_bf16: "tf32" (fp32 operands: exact fp32 on the interpreter) keeps the state within
     1e-4; "bf16" (state rounded to bf16, the least work) stays within the output tolerance."""
-    monkeypatch.setitem(chunk.CONFIG, "state_bf16", mode)
-    report = _check(1, 200, 2, 32, 32, torch.bfloat16, "weak", True, True, slopes=torch.tensor([0.02, 0.05])) \
-        if mode == "tf32" else None
+    cfg = CFG.replace(state_bf16=mode)
+    report = _check(1, 200, 2, 32, 32, torch.bfloat16, "weak", True, True, slopes=torch.tensor([0.02, 0.05]),
+                    config=cfg) if mode == "tf32" else None
     if mode == "tf32":
         assert report["ht"] < (1e-4 if DEV == "cpu" else 2e-3), report
     else:
         q, k, v, s, h0, do, dht = _make(1, 130, 2, 32, 32, torch.bfloat16, "weak", True)
         dev = lambda x: x.to(DEV)  # noqa: E731
-        o, ht = _triton(dev(q), dev(k), dev(v), dev(s), dev(h0), None)
+        o, ht = _triton(dev(q), dev(k), dev(v), dev(s), dev(h0), None, config=cfg)
         o_r, ht_r = _naive(q.double(), k.double(), v.double(), s.double(), h0.double(), None)
         assert rel(o.cpu(), o_r) < 2e-2 and rel(ht.cpu(), ht_r) < 1e-2
-
-
-def test_bf16_state_mode_is_checked(monkeypatch):
-    monkeypatch.setitem(chunk.CONFIG, "state_bf16", "fp8")
-    q, k, v, s, h0, _, _ = _make(1, 10, 1, 16, 16, torch.bfloat16, "weak", False)
-    with pytest.raises(ValueError, match="state_bf16"):
-        _triton(q.to(DEV), k.to(DEV), v.to(DEV), s.to(DEV), None, None)
 
 
 @pytest.mark.gpu
@@ -212,10 +209,10 @@ def test_bf16_state_mode_is_checked(monkeypatch):
         (2, 1000, 5, 128, 128, torch.linspace(0.01, 0.3, 5)),
     ],
 )
-def test_gpu_bf16_every_gradient_within_twice_naive(B, T, H, D, E, slopes, monkeypatch):
+def test_gpu_bf16_every_gradient_within_twice_naive(B, T, H, D, E, slopes):
     """The shapes of the slope-gradient defect report, compiled, automatic segment length."""
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", None)
-    _check(B, T, H, D, E, torch.bfloat16, "weak", True, True, slopes=slopes, ref_dev="cuda")
+    _check(B, T, H, D, E, torch.bfloat16, "weak", True, True, slopes=slopes, ref_dev="cuda",
+           config=CFG.replace(seg_chunks=None))
 
 
 def test_fp16_matches_reference():
@@ -262,54 +259,43 @@ def test_no_slope_grad_and_no_final_state():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fuse,gstate", [(True, True), (True, False), (False, True)])
-def test_fused_dkdv_variant(dtype, fuse, gstate, monkeypatch):
-    """CONFIG["fuse_dkdv"]: dk in the dv kernel's reverse walk (E in one block: "dv", or "dv_fused" for
-    E > the "dv" block), or in its own reverse walk of the dq kernel. CONFIG["dq_gstate"] (fused only):
+def test_fused_dkdv_variant(dtype, fuse, gstate):
+    """LaunchConfig.fuse_dkdv: dk in the dv kernel's reverse walk (E in one block: "dv", or "dv_fused" for
+    E > the "dv" block), or in its own reverse walk of the dq kernel. LaunchConfig.dq_gstate (fused only):
     the dq walk also sums the backward segment states, else _seg_state_kernel does."""
-    monkeypatch.setitem(chunk.CONFIG, "fuse_dkdv", fuse)
-    monkeypatch.setitem(chunk.CONFIG, "dq_gstate", gstate)
-    monkeypatch.setitem(chunk.CONFIG, "small", {**chunk.CONFIG["small"], "fuse_dkdv": fuse})
+    cfg = CFG.replace(fuse_dkdv=fuse, dq_gstate=gstate, small={"fuse_dkdv": fuse})
     cu = torch.tensor([0, 50, 50, 131], dtype=torch.int32)
-    _check(1, 131, 2, 96, 48, dtype, "strong", True, True, cu=cu)  # "dv" block covers E
-    _check(1, 131, 2, 64, 96, dtype, "weak", True, True, cu=cu)  # "dv_fused" when fused
-    _check(1, 70, 2, 32, 32, dtype, "weak", True, True)  # small
+    _check(1, 131, 2, 96, 48, dtype, "strong", True, True, cu=cu, config=cfg)  # "dv" block covers E
+    _check(1, 131, 2, 64, 96, dtype, "weak", True, True, cu=cu, config=cfg)  # "dv_fused" when fused
+    _check(1, 70, 2, 32, 32, dtype, "weak", True, True, config=cfg)  # small
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", [False, True])
-def test_forward_and_backward_paths(dtype, mode, monkeypatch):
-    """CONFIG["lookback"]: False = segment states + scan + walk kernels in the forward too; True = the
+def test_forward_and_backward_paths(dtype, mode):
+    """LaunchConfig.lookback: False = segment states + scan + walk kernels in the forward too; True = the
     look-back walks in the backward too (the default "fwd" is what the other tests run)."""
-    monkeypatch.setitem(chunk.CONFIG, "lookback", mode)
+    cfg = CFG.replace(lookback=mode)
     cu = torch.tensor([0, 7, 7, 140, 141, 170], dtype=torch.int32)
-    _check(1, 170, 2, 32, 16, dtype, "strong", True, True, cu=cu)
-    _check(2, 130, 2, 64, 32, dtype, "weak", True, True)
+    _check(1, 170, 2, 32, 16, dtype, "strong", True, True, cu=cu, config=cfg)
+    _check(2, 130, 2, 64, 32, dtype, "weak", True, True, config=cfg)
 
 
 @pytest.mark.parametrize("mode", ["fwd", True])
-def test_lookback_segments_of_several_chunks(mode, monkeypatch):
+def test_lookback_segments_of_several_chunks(mode):
     """Look-back segments of several chunks, dense and packed, every output and gradient."""
-    monkeypatch.setitem(chunk.CONFIG, "lookback", mode)
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", 3)
+    cfg = CFG.replace(lookback=mode, seg_chunks=3)
     cu = torch.tensor([0, 100, 100, 500, 501, 530], dtype=torch.int32)
-    _check(1, 530, 2, 16, 32, torch.float32, "weak", True, True, cu=cu)
-    _check(2, 450, 1, 32, 16, torch.float32, "strong", True, True)
+    _check(1, 530, 2, 16, 32, torch.float32, "weak", True, True, cu=cu, config=cfg)
+    _check(2, 450, 1, 32, 16, torch.float32, "strong", True, True, config=cfg)
 
 
-def test_lookback_mode_is_checked(monkeypatch):
-    monkeypatch.setitem(chunk.CONFIG, "lookback", "both")
-    q = torch.randn(1, 8, 1, 16, device=DEV)
-    with pytest.raises(ValueError, match="lookback"):
-        _triton(q, q, q, torch.ones(1, device=DEV), None, None)
-
-
-def test_segment_length_does_not_change_the_result(monkeypatch):
+def test_segment_length_does_not_change_the_result():
     q, k, v, s, h0, _, _ = _make(1, 300, 2, 16, 16, torch.float32, "strong", True)
     dev = lambda x: x.to(DEV)  # noqa: E731
     outs = []
     for seg in (1, 2, 8):
-        monkeypatch.setattr(chunk, "SEG_CHUNKS", seg)
-        outs.append(_triton(dev(q), dev(k), dev(v), dev(s), dev(h0), None))
+        outs.append(_triton(dev(q), dev(k), dev(v), dev(s), dev(h0), None, config=CFG.replace(seg_chunks=seg)))
     for o, ht in outs[1:]:
         assert torch.allclose(o, outs[0][0], atol=1e-5, rtol=1e-4)
         assert torch.allclose(ht, outs[0][1], atol=1e-5, rtol=1e-4)
@@ -322,14 +308,13 @@ def test_segment_length_does_not_change_the_result(monkeypatch):
 )
 def test_automatic_segment_length_for_a_gpu(B, T, H, D, expected, monkeypatch):
     """The segment length chosen for a 132-SM GPU: 4 waves of <= 32-chunk segments, and <= 64-chunk segments
-    in 2 waves (CONFIG["seg_long"]) once the first rule is saturated (benchmarks/results/kernel_tuning_h200.md)."""
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", None)
-    monkeypatch.setattr(chunk, "_num_sms", lambda device: 132)
-    plan = chunk._Plan(B, T, H, D, D, None, torch.device("cuda"))
+    in 2 waves (LaunchConfig.seg_long) once the first rule is saturated (benchmarks/results/kernel_tuning_h200.md)."""
+    monkeypatch.setattr(plan_mod, "_num_sms", lambda device: 132)
+    plan = plan_mod._Plan(B, T, H, D, D, None, torch.device("cuda"), DEFAULT)
     assert plan.seg_chunks == expected
     assert plan.lb_chunks == plan.seg_chunks  # "fwd" look-back mode stores the scan's segment states
-    monkeypatch.setitem(chunk.CONFIG, "seg_long", None)
-    assert chunk._Plan(B, T, H, D, D, None, torch.device("cuda")).seg_chunks == min(expected, 32)
+    no_long = DEFAULT.replace(seg_long=None)
+    assert plan_mod._Plan(B, T, H, D, D, None, torch.device("cuda"), no_long).seg_chunks == min(expected, 32)
 
 
 # ------------------------------------------------------------------------------------------ GPU only
@@ -337,14 +322,14 @@ def test_automatic_segment_length_for_a_gpu(B, T, H, D, expected, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_long_sequence_against_torch_chunk(dtype, monkeypatch):
+def test_gpu_long_sequence_against_torch_chunk(dtype):
     """Long T, D=128, automatic segment size, against the torch chunked backend in fp64."""
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", None)
+    auto = lambda *xs: _triton(*xs, config=CFG.replace(seg_chunks=None))  # noqa: E731
     B, T, H, D = 2, 4099, 4, 128
     q, k, v, s, h0, do, dht = _make(B, T, H, D, D, dtype, "weak", True)
     s = torch.linspace(0.0, 0.2, H)
     cuda = lambda x: x.cuda()  # noqa: E731
-    o, ht, grads = _run(cuda(q), cuda(k), cuda(v), cuda(s), cuda(h0), None, cuda(do), cuda(dht), _triton)
+    o, ht, grads = _run(cuda(q), cuda(k), cuda(v), cuda(s), cuda(h0), None, cuda(do), cuda(dht), auto)
     ref = lambda q, k, v, s, h0, cu: lightning_attn(  # noqa: E731
         q, k, v, s, initial_state=h0, output_final_state=True, backend="torch"
     )
@@ -368,15 +353,14 @@ def test_gpu_no_recompile_per_T():
         q = torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16)
         lightning_attn(q, q, q, torch.full((H,), 0.1, device=dev), backend="triton")
         torch.cuda.synchronize()
-        sizes.append(sum(_n_compiled(getattr(chunk, name)) for name in KERNELS))
+        sizes.append(sum(_n_compiled(getattr(kernels, name)) for name in KERNELS))
     assert sizes[0] > 0 and sizes[-1] == sizes[0], sizes
 
 
 @pytest.mark.gpu
-def test_gpu_fast_launch_equals_jit_launch(monkeypatch):
-    """Launching through the cached compiled kernels (CONFIG["fast_launch"]) gives bit-identical results to
+def test_gpu_fast_launch_equals_jit_launch():
+    """Launching through the cached compiled kernels (LaunchConfig.fast_launch) gives bit-identical results to
     Triton's own launch path, and inputs that are not 16-byte aligned get their own kernel, not the aligned one."""
-    monkeypatch.setattr(chunk, "SEG_CHUNKS", None)
     B, T, H, D = 2, 1000, 4, 64
     q, k, v, s, h0, do, dht = _make(B, T, H, D, D, torch.bfloat16, "weak", True)
     do, dht = do.cuda(), dht.cuda()
@@ -388,20 +372,20 @@ def test_gpu_fast_launch_equals_jit_launch(monkeypatch):
         assert y.is_contiguous() and (y.data_ptr() % 16 == 0) == (offset == 0)
         return y.requires_grad_(True)
 
-    def run(offset):
+    def run(offset, cfg):
         leaves = [leaf(q, offset), leaf(k, offset), leaf(v, offset), s.cuda().requires_grad_(True),
                   h0.cuda().requires_grad_(True)]
-        o, ht = lightning_attn(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend="triton")
+        o, ht = _triton(*leaves, None, config=cfg)
         ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
         return [o.detach(), ht.detach()] + [x.grad for x in leaves]
 
     results = {}
     for fast in (False, True, True):  # the second fast run launches from the cache
-        monkeypatch.setitem(chunk.CONFIG, "fast_launch", fast)
+        cfg = CFG.replace(seg_chunks=None, fast_launch=fast)
         for offset in (0, 1):
-            results.setdefault(offset, []).append(run(offset))
+            results.setdefault(offset, []).append(run(offset, cfg))
     aligned = [all(a[1] for a in key[3] if isinstance(a, tuple) and len(a) == 2)
-               for key in chunk._COMPILED if key[0] is chunk._bwd_dqdk_kernel]
+               for key in launch._COMPILED if key[0] is kernels._bwd_dqdk_kernel]
     assert True in aligned and False in aligned, "aligned and misaligned launches must be cached apart"
     names = ["o", "ht", "dq", "dk", "dv", "dslopes", "dh0"]
     for offset, runs in results.items():
@@ -443,13 +427,13 @@ def test_out_of_shared_memory_relaunches_with_one_stage(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(chunk, "_SINGLE_STAGE", set())
+    monkeypatch.setattr(launch, "_SINGLE_STAGE", set())
     x = torch.zeros(1)
-    assert chunk._call(FakeKernel(1), (1,), x, BD=256, num_stages=2) == "ran"
+    assert launch._call(FakeKernel(1), (1,), x, BD=256, num_stages=2) == "ran"
     assert calls == [2, 1]
-    assert chunk._call(FakeKernel(1), (1,), x, BD=256, num_stages=2) == "ran"  # remembered: no failed try
+    assert launch._call(FakeKernel(1), (1,), x, BD=256, num_stages=2) == "ran"  # remembered: no failed try
     assert calls == [2, 1, 1]
-    assert chunk._call(FakeKernel(1), (1,), x, BD=128, num_stages=2) == "ran"  # another shape tries 2 stages
+    assert launch._call(FakeKernel(1), (1,), x, BD=128, num_stages=2) == "ran"  # another shape tries 2 stages
     assert calls == [2, 1, 1, 2, 1]
     with pytest.raises(OutOfResources):  # nothing left to shed: the error surfaces
-        chunk._call(FakeKernel(0), (1,), x, BD=64, num_stages=2)
+        launch._call(FakeKernel(0), (1,), x, BD=64, num_stages=2)

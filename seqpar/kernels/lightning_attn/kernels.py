@@ -1,0 +1,544 @@
+"""Triton kernels of Lightning Attention-2 (the @triton.jit kernels and their jit helpers only).
+
+Layout [*, H, D] for q, k and [*, H, E] for v, o in flat tokens; states [*, H, D, E] fp32. The work
+decomposition, the order of the launches and the math are described in :mod:`.chunk`; the launchers
+that choose blocks and grids are in :mod:`.launch`.
+
+All decay factors are exp(-s * e) with a non-negative, masked exponent e: nothing is divided by a
+decay power and nothing overflows for strong decay. T, the segment length and the offsets are runtime
+arguments (``do_not_specialize``): a new T does not recompile. D and E are padded to powers of two
+(>= 16) with masks.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, UP: tl.constexpr):
+    """tl.dot with fp32 accumulation; UP: upcast operands to fp32 first (the CPU interpreter of
+    triton 3.9 computes bf16 dots on the raw uint16 bits)."""
+    if UP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _sdot(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
+    """a @ b for a state product: a is an input tile (exact in its dtype), b an fp32 tile (a state or
+    decay-weighted rows). STATE: 0 rounds b to a's dtype; 1 fp32 operands (PREC: tf32 or ieee on GPU);
+    2 splits b = hi + lo into two tiles of a's dtype (two dots, ~16 significant bits for bf16)."""
+    if STATE == 2:
+        hi = b.to(a.dtype)
+        lo = (b - hi.to(tl.float32)).to(a.dtype)
+        return _dot(a, hi, PREC, UP) + _dot(a, lo, PREC, UP)
+    elif STATE == 1:
+        return _dot(a.to(tl.float32), b, PREC, UP)
+    else:
+        return _dot(a, b.to(a.dtype), PREC, UP)
+
+
+@triton.jit
+def _sdot_l(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
+    """a @ b with a the fp32 tile and b the input tile (see _sdot)."""
+    if STATE == 2:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        return _dot(hi, b, PREC, UP) + _dot(lo, b, PREC, UP)
+    elif STATE == 1:
+        return _dot(a, b.to(tl.float32), PREC, UP)
+    else:
+        return _dot(a.to(b.dtype), b, PREC, UP)
+
+
+@triton.jit
+def _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN: tl.constexpr):
+    """(sequence index, first token of the sequence, segment start, segment end) in flat tokens."""
+    if IS_VARLEN:
+        n = tl.load(segseq_ptr + pid_s).to(tl.int32)
+        bos = tl.load(cu_ptr + n).to(tl.int32)
+        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
+        start = tl.load(segstart_ptr + pid_s).to(tl.int32)
+    else:
+        n = pid_s // NS
+        bos = n * T
+        eos = bos + T
+        start = bos + (pid_s % NS) * SEG_T
+    end = tl.minimum(start + SEG_T, eos)
+    return n, bos, start, end
+
+
+@triton.jit(do_not_specialize=["T", "NS"])
+def _seg_state_kernel(
+    a_ptr, b_ptr, slopes_ptr, out_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    T, H, D, E, NS, SEG_T, w_scale,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    FROM_END: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+    STATE: tl.constexpr,
+):
+    """out[seg, h] = w_scale * sum_t w_t a_t^T b_t over the tokens of one segment.
+
+    FROM_END: w_t = lambda^(end-1-t) (forward: k, v); else w_t = lambda^(t-start+1) (backward: q, do).
+    a: [*, H, D], b: [*, H, E]; out: [NSEG, H, D, E] fp32.
+    """
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    NDB = tl.cdiv(D, BD)
+    i_e = pid % NEB
+    i_d = (pid // NEB) % NDB
+    rest = pid // (NEB * NDB)
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    acc = tl.zeros([BD, BE], dtype=tl.float32)
+    for cs in range(start, end, BT):
+        tok = cs + o_t
+        m_t = tok < end
+        tok64 = tok.to(tl.int64)
+        # a^T tile [BD, BT], b tile [BT, BE]
+        aT = tl.load(a_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        bb = tl.load(b_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        if FROM_END:
+            ex = tl.where(m_t, end - 1 - tok, 0).to(tl.float32)
+        else:
+            ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
+        w = tl.exp(-slope * ex)
+        acc += _sdot_l(aT.to(tl.float32) * w[None, :], bb, STATE, PREC, UP)
+    acc = acc * w_scale
+    base = (pid_s.to(tl.int64) * H + h) * D * E
+    tl.store(out_ptr + base + o_d[:, None] * E + o_e[None, :], acc, mask=m_d[:, None] & m_e[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "NS"])
+def _scan_kernel(
+    buf_ptr, init_ptr, fin_ptr, slopes_ptr, cu_ptr, segoff_ptr,
+    T, H, D, E, NS, SEG_T,
+    BD: tl.constexpr, BE: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FIN: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Sequential combine over the segments of one sequence, in place.
+
+    buf[s] holds the contribution of segment s on entry and the state entering it (forward) or the
+    gradient entering it from the right (REVERSE) on exit. fin = state after the last segment (ht), or
+    after the first one going backwards (dh0). init: h0 (forward) or dht (reverse), [N, H, D, E].
+    """
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    NDB = tl.cdiv(D, BD)
+    i_e = pid % NEB
+    i_d = (pid // NEB) % NDB
+    rest = pid // (NEB * NDB)
+    h = rest % H
+    n = rest // H
+    if IS_VARLEN:
+        bos = tl.load(cu_ptr + n).to(tl.int32)
+        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
+        s0 = tl.load(segoff_ptr + n).to(tl.int32)
+        s1 = tl.load(segoff_ptr + n + 1).to(tl.int32)
+    else:
+        bos = n * T
+        eos = bos + T
+        s0 = n * NS
+        s1 = s0 + NS
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    msk = (o_d[:, None] < D) & (o_e[None, :] < E)
+    off = o_d[:, None] * E + o_e[None, :]
+    nh = (n.to(tl.int64) * H + h) * D * E
+    if HAS_INIT:
+        state = tl.load(init_ptr + nh + off, mask=msk, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BD, BE], dtype=tl.float32)
+    for i in range(0, s1 - s0):
+        if REVERSE:
+            s = s1 - 1 - i
+        else:
+            s = s0 + i
+        seg_start = bos + (s - s0) * SEG_T
+        seg_len = tl.minimum(SEG_T, eos - seg_start)
+        p = buf_ptr + (s.to(tl.int64) * H + h) * D * E + off
+        m = tl.load(p, mask=msk, other=0.0)
+        tl.store(p, state, mask=msk)
+        state = state * tl.exp(-slope * seg_len.to(tl.float32)) + m
+    if STORE_FIN:
+        tl.store(fin_ptr + nh + off, state, mask=msk)
+
+
+@triton.jit(do_not_specialize=["T", "NS"])
+def _fwd_out_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, hbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    scale, T, H, D, E, NS, SEG_T,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    i_e = pid % NEB
+    rest = pid // NEB
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    S = tl.load(hbuf_ptr + (pid_s.to(tl.int64) * H + h) * D * E + o_d[:, None] * E + o_e[None, :],
+                mask=m_d[:, None] & m_e[None, :], other=0.0)
+    diff = o_t[:, None] - o_t[None, :]
+    causal = diff >= 0
+    decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    for cs in range(start, end, BT):
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        kT = tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        A = _dot(q, kT, PREC, UP) * decay
+        o = _dot(A.to(v.dtype), v, PREC, UP)
+        # decay weights scale the rows of the small [BT, BE] operands / results, never a [BT, D] tile
+        # (fp32 copies of those spill registers at D = 128)
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        vd = v.to(tl.float32) * k_w[:, None]
+        o += _sdot(q, S, STATE, PREC, UP) * q_w[:, None]
+        S = S * tl.exp(-slope * L.to(tl.float32)) + _sdot(kT, vd, STATE, PREC, UP)
+        o = o * scale
+        tl.store(o_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_e[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "NS", "NTOK"])
+def _bwd_dqdk_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, hbuf_ptr, gbuf_ptr, dgq_ptr, dgk_ptr,
+    slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    scale, T, H, D, E, NS, SEG_T, NTOK,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
+    DO_DK: tl.constexpr, STORE_G: tl.constexpr,
+):
+    """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
+
+    dq_i = scale * [ sum_{j<=i} lambda^(i-j) (do_i.v_j) k_j + lambda^(i+1) do_i S_in^T ]
+    dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i + lambda^(L-1-j) v_j R^T
+    STORE_G (with DO_DK off): the forward walk also sums the segment's backward contribution
+    N_s = scale * sum_i lambda^(i-start+1) q_i^T do_i (its D block) into gbuf, in place of a separate
+    _seg_state_kernel pass over q and do.
+    """
+    pid = tl.program_id(0)
+    NDB = tl.cdiv(D, BD)
+    i_d = pid % NDB
+    rest = pid // NDB
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_e = tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    sbase = (pid_s.to(tl.int64) * H + h) * D * E
+    diff = o_t[:, None] - o_t[None, :]
+    causal = diff >= 0
+    decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
+
+    # ---- dq: forward walk, ST = S^T block [BE, BD]
+    ST = tl.load(hbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
+    if STORE_G:
+        G = tl.zeros([BD, BE], dtype=tl.float32)
+    for cs in range(start, end, BT):
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        vT = tl.load(v_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
+        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        if STORE_G:
+            # N_s += q^T (lambda^(t-start+1) do): the weight scales the rows of the [BT, BD] q block
+            qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+            g_w = tl.exp(-slope * tl.where(m_t, tok - start + 1, 0).to(tl.float32))
+            G += _sdot_l(qT.to(tl.float32) * g_w[None, :], do, STATE, PREC, UP)
+        A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
+        dq = _dot(A2.to(k.dtype), k, PREC, UP)
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        kd = k.to(tl.float32) * k_w[:, None]
+        dq += _sdot(do, ST, STATE, PREC, UP) * q_w[:, None]
+        ST = ST * tl.exp(-slope * L.to(tl.float32)) + _sdot(vT, kd, STATE, PREC, UP)
+        dq = dq * scale
+        m_td = m_t[:, None] & m_d[None, :]
+        tl.store(dq_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_td)
+        if COMPUTE_DG:
+            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            g = tl.sum(q.to(tl.float32) * dq, axis=1)
+            tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+    if STORE_G:
+        tl.store(gbuf_ptr + sbase + o_d[:, None] * E + o_e[None, :], G * scale, mask=m_d[:, None] & m_e[None, :])
+
+    if DO_DK:
+        # ---- dk: reverse walk, RT = R^T block [BE, BD]
+        RT = tl.load(gbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
+        nch = tl.cdiv(end - start, BT)
+        for c in range(0, nch):
+            cs = start + (nch - 1 - c) * BT
+            L = tl.minimum(end - cs, BT)
+            tok = cs + o_t
+            m_t = o_t < L
+            tok64 = tok.to(tl.int64)
+            m_td = m_t[:, None] & m_d[None, :]
+            doT = tl.load(do_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
+            v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            A2T = _dot(v, doT, PREC, UP) * tl.trans(decay)  # [j, i]
+            dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
+            k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+            qd = q.to(tl.float32) * (q_w * scale)[:, None]
+            dk += _sdot(v, RT, STATE, PREC, UP) * k_w[:, None]
+            RT = RT * tl.exp(-slope * L.to(tl.float32)) + _sdot(doT, qd, STATE, PREC, UP)
+            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+            if COMPUTE_DG:
+                k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+                g = tl.sum(k.to(tl.float32) * dk, axis=1)
+                tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+
+
+@triton.jit(do_not_specialize=["T", "NS"])
+def _bwd_dv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dk_ptr, dgk_ptr, gbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    scale, T, H, D, E, NS, SEG_T,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+    DO_DK: tl.constexpr, COMPUTE_DG: tl.constexpr,
+):
+    """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block.
+
+    DO_DK (only when one E block covers E): also dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i
+    + lambda^(L-1-j) v_j R^T in the same reverse walk (and k.dk for the slope gradient).
+    """
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    i_e = pid % NEB
+    rest = pid // NEB
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    R = tl.load(gbuf_ptr + (pid_s.to(tl.int64) * H + h) * D * E + o_d[:, None] * E + o_e[None, :],
+                mask=m_d[:, None] & m_e[None, :], other=0.0)
+    diff = o_t[:, None] - o_t[None, :]  # [j, i] used as i - j below
+    causalT = diff <= 0  # j <= i
+    decayT = tl.where(causalT, tl.exp(-slope * tl.where(causalT, -diff, 0).to(tl.float32)), 0.0)
+    q_w = tl.exp(-slope * (o_t + 1).to(tl.float32)) * scale
+    nch = tl.cdiv(end - start, BT)
+    for c in range(0, nch):
+        cs = start + (nch - 1 - c) * BT
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        AT = _dot(k, qT, PREC, UP) * decayT  # [j, i]
+        dv = _dot(AT.to(do.dtype), do, PREC, UP) * scale
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        # dv is finished and stored before dk starts (one [BT, BE] fp32 accumulator live at a time)
+        dv += _sdot(k, R, STATE, PREC, UP) * k_w[:, None]
+        tl.store(dv_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_e[None, :])
+        if DO_DK:
+            m_td = m_t[:, None] & m_d[None, :]
+            v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+            A2T = _dot(v, tl.trans(do), PREC, UP) * decayT  # [j, i]
+            dk = _dot(A2T.to(qT.dtype), tl.trans(qT), PREC, UP) * scale
+            dk += _sdot(v, tl.trans(R), STATE, PREC, UP) * k_w[:, None]
+            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+            if COMPUTE_DG:
+                g = tl.sum(k.to(tl.float32) * dk, axis=1)
+                tl.store(dgk_ptr + tok64 * H + h, g, mask=m_t)
+        dod = do.to(tl.float32) * q_w[:, None]
+        R = R * tl.exp(-slope * L.to(tl.float32)) + _sdot(qT, dod, STATE, PREC, UP)
+
+
+@triton.jit(do_not_specialize=["T", "N", "NP", "PF_T", "NTOK"])
+def _lb_walk_kernel(
+    a_ptr, b_ptr, c_ptr, out_ptr, x_ptr, g_ptr, init_ptr, fin_ptr, chain_ptr, sync_ptr, slopes_ptr,
+    cu_ptr, tab_ptr, sbuf_ptr, segoff_ptr,
+    alpha, gamma, beta, T, H, DA, DC, N, NP, PF_T, NTOK,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+    REVERSE: tl.constexpr, TRANS_INIT: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FIN: tl.constexpr,
+    STORE_SBUF: tl.constexpr, COMPUTE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr,
+    UP: tl.constexpr,
+):
+    """One-pass chunk walk with a chained look-back between consecutive segments of a sequence.
+
+    Computes, for one segment, one head and one block of the value dim (a, b: [*, H, DA]; c, out: [*, H, DC]):
+
+        forward (REVERSE=False):  out_t = alpha * sum_{s<=t} lambda^(t-s) (a_t.b_s) c_s  + gamma * lambda^(..) a_t S
+        reverse (REVERSE=True):   out_t = alpha * sum_{s>=t} lambda^(s-t) (a_t.b_s) c_s  + gamma * lambda^(..) a_t R
+
+    where S (R) is the [DA, DC] state carried from the left (right): S_t = lambda S_{t-1} + beta * b_t^T c_t,
+    starting from init (or 0). o = LA(q, k, v) forward; dq = LA(do, v, k) forward; dk = LA(v, do, q) and
+    dv = LA(k, q, do) reverse.
+
+    Programs take tickets in launch order (an atomic counter), walk position-major, so a segment's
+    predecessor always holds an earlier ticket. Each program (1) sums its segment's own contribution M
+    (reads b, c; skipped in the last segment of a sequence, whose final state is the walk's), (2) waits
+    for its predecessor's inclusive state in a two-slot per-lane buffer (flag = position + 1), publishes
+    its own (lambda^len S_in + M) for its successor, (3) walks its chunks from S_in and writes out. Two
+    slots suffice: the successor of a slot's next writer has read the slot.
+    STORE_SBUF: also store the state entering each segment, sbuf [NSEG, H, DA, DC] (forward: the
+    segment states the scan-path backward reads).
+    """
+    NCB = tl.cdiv(DC, BC)
+    t = tl.atomic_add(sync_ptr, 1)
+    i_c = t % NCB
+    r = t // NCB
+    h = r % H
+    r = r // H
+    if IS_VARLEN:
+        n = tl.load(tab_ptr + 2 * r).to(tl.int32)
+        p = tl.load(tab_ptr + 2 * r + 1).to(tl.int32)
+        bos = tl.load(cu_ptr + n).to(tl.int32)
+        eos = tl.load(cu_ptr + n + 1).to(tl.int32)
+    else:
+        n = r % N
+        p = r // N
+        bos = n * T
+        eos = bos + T
+    nseg = tl.cdiv(eos - bos, PF_T)
+    if REVERSE:
+        seg = nseg - 1 - p
+    else:
+        seg = p
+    start = bos + seg * PF_T
+    end = tl.minimum(start + PF_T, eos)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    lane = (n * H + h) * NCB + i_c
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_cl = tl.arange(0, BC)
+    o_c = i_c * BC + o_cl
+    m_k = o_k < DA
+    m_c = o_c < DC
+    m_kc = m_k[:, None] & m_c[None, :]
+
+    # (1) the segment's own contribution; the last segment of a sequence has no successor to publish to,
+    # and its final state (STORE_FIN) is the walk's own final state, so it skips this pass
+    M = tl.zeros([BK, BC], dtype=tl.float32)
+    end1 = end
+    if p == nseg - 1:
+        end1 = start
+    for cs in range(start, end1, BT):
+        tok = cs + o_t
+        m_t = tok < end
+        tok64 = tok.to(tl.int64)
+        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+        if REVERSE:
+            ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
+        else:
+            ex = tl.where(m_t, end - 1 - tok, 0).to(tl.float32)
+        w = tl.exp(-slope * ex)
+        M += _sdot(bT, cc.to(tl.float32) * w[:, None], STATE, PREC, UP)
+    M = M * beta
+
+    # (2) state entering the segment; publish the state leaving it
+    if TRANS_INIT:
+        ioff = o_k[:, None] + o_c[None, :] * DA
+    else:
+        ioff = o_k[:, None] * DC + o_c[None, :]
+    nh = (n.to(tl.int64) * H + h) * DA * DC
+    if p == 0:
+        if HAS_INIT:
+            S = tl.load(init_ptr + nh + ioff, mask=m_kc, other=0.0).to(tl.float32)
+        else:
+            S = tl.zeros([BK, BC], dtype=tl.float32)
+    else:
+        slot = (p - 1) % 2
+        flag_ptr = sync_ptr + 1 + 2 * lane + slot
+        f = tl.atomic_cas(flag_ptr, p, p)
+        while f != p:
+            f = tl.atomic_cas(flag_ptr, p, p)
+        S = tl.load(chain_ptr + ((2 * lane + slot).to(tl.int64) * BK + o_k[:, None]) * BC + o_cl[None, :],
+                    cache_modifier=".cg")
+    incl = S * tl.exp(-slope * (end - start).to(tl.float32)) + M
+    if p < nseg - 1:
+        slot = p % 2
+        tl.store(chain_ptr + ((2 * lane + slot).to(tl.int64) * BK + o_k[:, None]) * BC + o_cl[None, :], incl)
+        tl.debug_barrier()
+        tl.atomic_xchg(sync_ptr + 1 + 2 * lane + slot, p + 1)
+    if STORE_SBUF:
+        if IS_VARLEN:
+            sidx = tl.load(segoff_ptr + n).to(tl.int32) + seg
+        else:
+            sidx = n * NP + seg
+        tl.store(sbuf_ptr + (sidx.to(tl.int64) * H + h) * DA * DC + ioff, S, mask=m_kc)
+
+    # (3) the chunk walk from S
+    diff = o_t[:, None] - o_t[None, :]
+    if REVERSE:
+        causal = diff <= 0
+        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, -diff, 0).to(tl.float32)), 0.0)
+    else:
+        causal = diff >= 0
+        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    w_in = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    nch = tl.cdiv(end - start, BT)
+    for c in range(0, nch):
+        if REVERSE:
+            cs = start + (nch - 1 - c) * BT
+        else:
+            cs = start + c * BT
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        m_tc = m_t[:, None] & m_c[None, :]
+        a = tl.load(a_ptr + (tok64[:, None] * H + h) * DA + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
+        A = _dot(a, bT, PREC, UP) * decay
+        out = _dot(A.to(cc.dtype), cc, PREC, UP) * alpha
+        w_L = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
+        if REVERSE:
+            aw = w_L * gamma
+            bw = w_in * beta
+        else:
+            aw = w_in * gamma
+            bw = w_L * beta
+        cd = cc.to(tl.float32) * bw[:, None]
+        out += _sdot(a, S, STATE, PREC, UP) * aw[:, None]
+        S = S * tl.exp(-slope * L.to(tl.float32)) + _sdot(bT, cd, STATE, PREC, UP)
+        tl.store(out_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], out.to(out_ptr.dtype.element_ty), mask=m_tc)
+        if COMPUTE_DG:
+            x = tl.load(x_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
+            g = tl.sum(x.to(tl.float32) * out, axis=1)
+            tl.store(g_ptr + i_c.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
+    if STORE_FIN:
+        if p == nseg - 1:
+            tl.store(fin_ptr + nh + ioff, S, mask=m_kc)
