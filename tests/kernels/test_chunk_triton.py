@@ -184,6 +184,23 @@ def test_bf16_long_sequences_every_gradient_within_twice_naive(T, with_h0, cu):
     assert report["ht"] < 1e-4 and report.get("dh0", 0.0) < 1e-4, report
 
 
+def test_auto_state_mode_splits_only_for_slope_gradients():
+    """state_bf16="auto" (the default): the rounded-state kernels ("bf16") when the slopes need no gradient,
+    the split-state kernels when they do (bit-identical to the explicit modes)."""
+    q, k, v, s, h0, do, dht = _make(1, 130, 2, 32, 32, torch.bfloat16, "weak", True)
+    q, k, v, s, h0 = (x.to(DEV) for x in (q, k, v, s, h0))
+    auto = CFG.replace(state_bf16="auto")
+    o_b, ht_b = _triton(q, k, v, s, h0, None, config=CFG.replace(state_bf16="bf16"))
+    o_s, ht_s = _triton(q, k, v, s, h0, None, config=CFG.replace(state_bf16="split"))
+    assert not torch.equal(ht_b, ht_s)  # the two modes differ on these inputs
+    o_a, ht_a = _triton(q, k, v, s, h0, None, config=auto)  # fixed slopes
+    assert torch.equal(o_a, o_b) and torch.equal(ht_a, ht_b)
+    o_g, ht_g = _triton(q, k, v, s.clone().requires_grad_(True), h0, None, config=auto)  # learnable slopes
+    assert torch.equal(o_g, o_s) and torch.equal(ht_g.detach(), ht_s)
+    assert auto.for_grads(True).state_bf16 == "split" and auto.for_grads(False).state_bf16 == "bf16"
+    assert auto.for_grads(True) is auto.for_grads(True)  # cached
+
+
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
 def test_bf16_state_modes(mode):
     """LaunchConfig.state_bf16: "tf32" (fp32 operands: exact fp32 on the interpreter) keeps the state within

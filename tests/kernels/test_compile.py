@@ -112,3 +112,44 @@ def test_whole_model_compiles_fullgraph_on_gpu_and_equals_eager():
     assert _rel(losses[1], losses[0]) < 1e-5
     for (n, pe), pc in zip(eager.named_parameters(), comp.parameters()):
         assert _rel(pc.grad, pe.grad) < 1e-4, n
+
+
+@pytest.mark.skipif(not TRITON_OK, reason="needs the Triton interpreter or a GPU")
+@pytest.mark.parametrize("varlen", [False, True])
+def test_custom_op_backward_reuses_forward_states(monkeypatch, varlen):
+    """Through the custom ops (Triton), the backward reads the segment states the forward op returned (no
+    second forward), and every gradient equals the autograd.Function path bit for bit; with cu_seqlens the
+    shape-derived state buffer is padded."""
+    from seqpar.kernels.lightning_attn import chunk
+    from seqpar.kernels.lightning_attn.ops import lightning_attn_fwd_op
+
+    g = torch.Generator().manual_seed(0)
+    H, D, T = 2, 16, 300
+    q, k, v = (torch.randn(1, T, H, D, generator=g).to(DEV) for _ in range(3))
+    cu = torch.tensor([0, 70, 70, 300], dtype=torch.int32, device=DEV) if varlen else None
+    N = 3 if varlen else 1
+    h0 = torch.randn(N, H, D, D, generator=g).to(DEV)
+    s = torch.tensor([0.05, 0.3], device=DEV)
+    do = torch.randn(1, T, H, D, generator=g).to(DEV)
+    dht = torch.randn(N, H, D, D, generator=g).to(DEV)
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (q, k, v, s, h0)]
+
+    ref = leaves()
+    o0, ht0 = chunk.chunk_lightning_attn(*ref[:4], D ** -0.5, ref[4], True, cu)
+    g0 = torch.autograd.grad((o0 * do).sum() + (ht0 * dht).sum(), ref)
+    calls = []
+    real = chunk.LightningAttnFunction.forward
+    monkeypatch.setattr(chunk.LightningAttnFunction, "forward",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    lv = leaves()
+    o1, ht1, hbuf = lightning_attn_fwd_op(*lv[:4], D ** -0.5, lv[4], cu, "triton", True)
+    assert hbuf.dim() == 4 and hbuf.shape[1:] == (H, D, D)
+    g1 = torch.autograd.grad((o1 * do).sum() + (ht1 * dht).sum(), lv)
+    assert len(calls) == 1  # the forward op only
+    # the same segments on the CPU (bit-equal); on a GPU the op sizes varlen segments from the shape alone
+    same = (lambda a, b: torch.equal(a, b)) if DEV == "cpu" else (lambda a, b: _rel(a, b) < 1e-5)
+    assert same(o1, o0) and same(ht1, ht0)
+    for a, b in zip(g1, g0):
+        assert same(a, b)

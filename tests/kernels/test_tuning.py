@@ -15,7 +15,7 @@ from seqpar.kernels.lightning_attn.tuning import DEFAULT, KernelLaunch, LaunchCo
 
 def test_default_values_and_immutability():
     assert LaunchConfig() == DEFAULT and hash(LaunchConfig()) == hash(DEFAULT)
-    assert DEFAULT.lookback == "fwd" and DEFAULT.state_bf16 == "split" and DEFAULT.fuse_dkdv
+    assert DEFAULT.lookback == "fwd" and DEFAULT.state_bf16 == "auto" and DEFAULT.fuse_dkdv
     assert DEFAULT.fwd == KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     assert DEFAULT.scan.options() == {"num_warps": 4}  # no num_stages: Triton's default
     assert DEFAULT.seg_long == SegLong(waves=2, seg_max=64)

@@ -50,7 +50,7 @@ from .launch import (  # noqa: F401  (re-exported: the launch layer)
     lightning_attn_fwd,
     lightning_attn_fwd_lb,
 )
-from .plan import CHUNK, _Plan, get_plan  # noqa: F401  (re-exported)
+from .plan import CHUNK, _cdiv, _Plan, _seg_chunks_auto, get_plan  # noqa: F401  (re-exported)
 from .tuning import DEFAULT, LaunchConfig, from_env, resolve  # noqa: F401  (re-exported)
 
 
@@ -129,14 +129,67 @@ class _Ctx:
 
 
 def chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do, dht, seg_chunks=None,
-                               config: Optional[LaunchConfig] = None):
-    """Forward then backward of the kernels without autograd: (dq, dk, dv, dslopes, dh0 or None).
+                               config: Optional[LaunchConfig] = None, need_dslopes: bool = True):
+    """Forward then backward of the kernels without autograd: (dq, dk, dv, dslopes or None, dh0 or None).
 
     Shapes as in :func:`chunk_lightning_attn`; do [B, T, H, E], dht [N, H, D, E] (or None).
-    config: launch values (None: :func:`tuning.from_env`)."""
-    cfg = resolve(config)
-    ctx = _Ctx((True, True, True, True, False, initial_state is not None, False, False, False))
+    config: launch values (None: :func:`tuning.from_env`). need_dslopes: False skips the slope gradient."""
+    cfg = resolve(config).for_grads(need_dslopes)
+    ctx = _Ctx((True, True, True, bool(need_dslopes), False, initial_state is not None, False, False, False))
     LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks, cfg)
+    dq, dk, dv, ds, _, dh0, _, _, _ = LightningAttnFunction.backward(ctx, do, dht)
+    return dq, dk, dv, ds, dh0
+
+
+def op_segments(B: int, T: int, H: int, D: int, E: int, N: int, device, cfg: LaunchConfig, is_varlen: bool):
+    """(seg_chunks, rows) of a call through the custom op, from shapes alone: the segment length (chosen as
+    for a dense call of this shape) and the rows of the segment-state buffer the forward hands to the
+    backward (B * segments per sequence; with cu_seqlens an upper bound, segments of the whole length + N)."""
+    seg = cfg.seg_chunks if cfg.seg_chunks is not None else _seg_chunks_auto(cfg, B * _cdiv(T, CHUNK), H, D, E,
+                                                                               device)
+    seg_t = seg * CHUNK
+    return seg, (_cdiv(T, seg_t) + N if is_varlen else B * _cdiv(T, seg_t))
+
+
+def chunk_lightning_attn_fwd_saved(q, k, v, slopes, scale, initial_state, cu_seqlens, slope_grad: bool,
+                                   config: Optional[LaunchConfig] = None):
+    """Forward for the custom op: (o [B, T, H, E], ht [N, H, D, E] fp32, hbuf [rows, H, D, E] fp32), hbuf the
+    segment states the backward reads (rows from :func:`op_segments`; [0] with cfg.lookback True, whose
+    backward recomputes them). slope_grad: the slopes will need a gradient (state_bf16 "auto")."""
+    cfg = resolve(config).for_grads(slope_grad)
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    seg, rows = op_segments(B, T, H, D, E, N, q.device, cfg, cu_seqlens is not None)
+    ctx = _Ctx((True, True, True, bool(slope_grad), False, initial_state is not None, False, False, False))
+    o, ht = LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg, cfg)
+    if cfg.lookback is True:
+        return o, ht, ht.new_empty(0)
+    hbuf = ctx.saved_tensors[4]
+    if hbuf.shape[0] != rows:  # varlen: pad to the shape-derived bound
+        full = hbuf.new_zeros((rows,) + tuple(hbuf.shape[1:]))
+        full[: hbuf.shape[0]] = hbuf
+        hbuf = full
+    return o, ht, hbuf
+
+
+def chunk_lightning_attn_bwd_saved(q, k, v, do, dht, slopes, scale, initial_state, cu_seqlens, hbuf, ht,
+                                   need_dslopes: bool, config: Optional[LaunchConfig] = None):
+    """Backward for the custom op from the forward's hbuf / ht (see :func:`chunk_lightning_attn_fwd_saved`):
+    (dq, dk, dv, dslopes or None, dh0 or None); do [B, T, H, E], dht [N, H, D, E] or None."""
+    cfg = resolve(config).for_grads(need_dslopes)
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    seg, _ = op_segments(B, T, H, D, E, N, q.device, cfg, cu_seqlens is not None)
+    plan = get_plan(B, T, H, D, E, cu_seqlens, q.device, cfg, seg)
+    ctx = _Ctx((True, True, True, bool(need_dslopes), False, initial_state is not None, False, False, False))
+    s = slopes.detach().float().contiguous()
+    ctx.saved_tensors = (q.contiguous(), k.contiguous(), v.contiguous(), s, hbuf[: plan.NSEG], ht)
+    ctx.plan, ctx.cfg, ctx.scale, ctx.lookback = plan, cfg, float(scale), False
+    ctx.h0_given = initial_state is not None
+    ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+    ctx.slopes_dtype = slopes.dtype
     dq, dk, dv, ds, _, dh0, _, _, _ = LightningAttnFunction.backward(ctx, do, dht)
     return dq, dk, dv, ds, dh0
 
@@ -161,6 +214,6 @@ def chunk_lightning_attn(
     config: launch values, a :class:`LaunchConfig` (None: :func:`tuning.from_env`, i.e. DEFAULT with the
     environment's SEQPAR_LA_CONFIG overrides).
     """
-    cfg = resolve(config)
+    cfg = resolve(config).for_grads(torch.is_grad_enabled() and slopes.requires_grad)
     o, ht = LightningAttnFunction.apply(q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks, cfg)
     return o, (ht if output_final_state else None)

@@ -201,7 +201,8 @@ def lightning_attn(
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         from .ops import lightning_attn_fwd_op
 
-        o, ht = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+        slope_grad = torch.is_grad_enabled() and slopes.requires_grad
+        o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad)
         return o, (ht if output_final_state else None)
     _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -3,9 +3,10 @@ with fake implementations and a registered autograd formula, so that torch.compi
 calls :func:`seqpar.lightning_attn` without a graph break (FlashAttention's pattern).
 
 :func:`lightning_attn` routes through these ops while torch.compile traces; eager calls keep the direct
-path. The backward op recomputes the forward of the chosen backend (torch: the chunked path under
-torch.func.vjp; triton: the forward launchers, then the backward launchers) and returns every gradient:
-the compiled graph saves only the inputs, at the cost of one more forward pass in the backward.
+path. On the Triton backend the forward op also returns the segment states its backward reads (a buffer
+whose shape follows from the input shapes, :func:`chunk.op_segments`), so the backward op runs only the
+backward kernels, as the eager autograd.Function does. The torch backend's backward op recomputes the
+forward under torch.func.vjp.
 """
 from __future__ import annotations
 
@@ -28,35 +29,71 @@ def _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
     return chunk_lightning_attn(q, k, v, slopes, scale, initial_state, True, cu_seqlens)
 
 
+def _hbuf_shape(q, v, cu_seqlens):
+    """Shape of the segment states the Triton forward hands to the backward ([0] when it hands none)."""
+    from .chunk import op_segments
+    from .tuning import from_env
+
+    cfg = from_env()
+    if cfg.lookback is True:
+        return (0,)
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    _, rows = op_segments(B, T, H, D, E, N, q.device, cfg, cu_seqlens is not None)
+    return (rows, H, D, E)
+
+
 @torch.library.custom_op("seqpar::lightning_attn_fwd", mutates_args=())
 def lightning_attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float,
     initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """o [B, T, H, E] (q's dtype), ht [N, H, D, E] (fp32; fp64 for fp64 inputs). Inputs validated."""
+    slope_grad: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o [B, T, H, E] (q's dtype), ht [N, H, D, E] (fp32; fp64 for fp64 inputs), hbuf: the Triton forward's
+    segment states [rows, H, D, E] fp32 for the backward ([0] on the torch backend). Inputs validated.
+    slope_grad: the slopes will need a gradient (the state products then keep the fp32 state exact)."""
+    if backend == "triton":
+        from .chunk import chunk_lightning_attn_fwd_saved
+
+        with torch.no_grad():
+            o, ht, hbuf = chunk_lightning_attn_fwd_saved(q, k, v, slopes, scale, initial_state, cu_seqlens,
+                                                         slope_grad)
+        return (o.clone() if o is v else o.contiguous()), ht.contiguous(), hbuf.contiguous()
     with torch.no_grad():
         o, ht = _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     # contiguous outputs: the fake implementation promises contiguous strides to the compiler
-    return (o.clone() if o is v else o.contiguous()), ht.to(_state_dtype(q)).clone()
+    return (o.clone() if o is v else o.contiguous()), ht.to(_state_dtype(q)).clone(), q.new_empty(0, dtype=torch.float32)
 
 
 @lightning_attn_fwd_op.register_fake
-def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
+def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=False):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return v.new_empty(v.shape, dtype=q.dtype), q.new_empty((N, H, D, v.shape[-1]), dtype=_state_dtype(q))
+    hshape = _hbuf_shape(q, v, cu_seqlens) if backend == "triton" else (0,)
+    return (v.new_empty(v.shape, dtype=q.dtype), q.new_empty((N, H, D, v.shape[-1]), dtype=_state_dtype(q)),
+            q.new_empty(hshape, dtype=torch.float32))
 
 
 @torch.library.custom_op("seqpar::lightning_attn_bwd", mutates_args=())
 def lightning_attn_bwd_op(
     do: torch.Tensor, dht: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
     scale: float, initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
+    need_dslopes: bool, hbuf: torch.Tensor, ht: torch.Tensor,
 ) -> List[torch.Tensor]:
-    """[dq, dk, dv, dslopes, dh0] (dh0 empty [0] without an initial state), by recomputing the forward."""
+    """[dq, dk, dv, dslopes, dh0] (dh0 empty [0] without an initial state; dslopes zeros when not
+    need_dslopes). Triton: from the forward's segment states hbuf and final state ht (the forward is
+    recomputed when hbuf is empty); torch: the forward is recomputed under torch.func.vjp."""
     if backend == "triton":
-        from .chunk import chunk_lightning_attn_grads
+        from .chunk import chunk_lightning_attn_bwd_saved, chunk_lightning_attn_grads
 
-        dq, dk, dv, ds, dh0 = chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do, dht)
+        if hbuf.numel():
+            dq, dk, dv, ds, dh0 = chunk_lightning_attn_bwd_saved(q, k, v, do, dht, slopes, scale, initial_state,
+                                                                 cu_seqlens, hbuf, ht, need_dslopes)
+        else:
+            dq, dk, dv, ds, dh0 = chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do,
+                                                             dht, need_dslopes=need_dslopes)
+        ds = ds if ds is not None else torch.zeros_like(slopes)
         return [dq.contiguous(), dk.contiguous(), dv.contiguous(), ds, dh0 if dh0 is not None else q.new_empty(0)]
     # a custom op runs below the autograd dispatch key: the vjp is taken with torch.func, which carries
     # its own autograd levels
@@ -76,20 +113,21 @@ def lightning_attn_bwd_op(
 
 
 @lightning_attn_bwd_op.register_fake
-def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
+def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend, need_dslopes, hbuf, ht):
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(slopes), dh0]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, slopes, scale, initial_state, cu_seqlens, backend = inputs
-    ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens)
+    q, k, v, slopes, scale, initial_state, cu_seqlens, backend, *_ = inputs
+    _, ht, hbuf = output
+    ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens, hbuf, ht)
     ctx.scale, ctx.backend = scale, backend
     ctx.has_h0, ctx.has_cu = initial_state is not None, cu_seqlens is not None
 
 
-def _backward(ctx, do, dht):
-    q, k, v, slopes, initial_state, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, _dhbuf):
+    q, k, v, slopes, initial_state, cu_seqlens, hbuf, ht = ctx.saved_tensors
     o_shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     if do is None:
         do = q.new_zeros(o_shape)
@@ -98,9 +136,9 @@ def _backward(ctx, do, dht):
         dht = q.new_zeros((N, q.shape[2], q.shape[3], v.shape[-1]), dtype=_state_dtype(q))
     dq, dk, dv, ds, dh0 = lightning_attn_bwd_op(
         do, dht, q, k, v, slopes, ctx.scale, initial_state if ctx.has_h0 else None,
-        cu_seqlens if ctx.has_cu else None, ctx.backend,
+        cu_seqlens if ctx.has_cu else None, ctx.backend, bool(ctx.needs_input_grad[3]), hbuf, ht,
     )
-    return dq, dk, dv, ds, None, (dh0 if ctx.has_h0 else None), None, None
+    return dq, dk, dv, ds, None, (dh0 if ctx.has_h0 else None), None, None, None
 
 
 torch.library.register_autograd("seqpar::lightning_attn_fwd", _backward, setup_context=_setup_context)

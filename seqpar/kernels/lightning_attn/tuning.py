@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Union
 
 KINDS = ("seg", "scan", "fwd", "dqdk", "dv", "dv_fused")
 STATE_BF16_MODES = {"bf16": 0, "tf32": 1, "split": 2}  # value of the kernels' STATE constexpr
+STATE_BF16_CHOICES = ("auto",) + tuple(STATE_BF16_MODES)  # "auto": split when slope gradients are needed
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _WARPS = (1, 2, 4, 8, 16, 32)
 
@@ -145,8 +146,10 @@ class LaunchConfig:
     lookback: "fwd" (one-pass look-back walk for the forward, which also stores the segment states for
     the scan-path backward), True (look-back walks for the backward too, segments of ``lb_chunks``
     chunks unless a segment length is given), False (segment states + scan + walk kernels).
-    state_bf16: state products of bf16 inputs: "split" (hi + lo bf16 tiles), "tf32" (fp32 operands) or
-    "bf16" (state and decayed rows rounded to bf16).
+    state_bf16: state products of bf16 inputs: "split" (hi + lo bf16 tiles: the fp32 state to ~1e-5),
+    "tf32" (fp32 operands), "bf16" (state and decayed rows rounded to bf16: the least work) or "auto"
+    ("split" when the slopes need a gradient, whose position-weighted sum amplifies rounded states;
+    "bf16" otherwise). Resolved per call by :meth:`for_grads`.
     fuse_dkdv: dk in the dv kernel's reverse walk when one E block ("dv", or "dv_fused" for
     D * E <= 128 * 128) covers E. dq_gstate: with fuse_dkdv, the dq walk also sums the backward segment
     states (q, do) that the reverse scan needs, in place of a _seg_state_kernel pass.
@@ -168,7 +171,7 @@ class LaunchConfig:
     seg_chunks: Optional[int] = None
     lookback: Union[bool, str] = "fwd"
     lb_chunks: int = 4
-    state_bf16: str = "split"
+    state_bf16: str = "auto"
     fuse_dkdv: bool = True
     dq_gstate: bool = True
     fast_launch: bool = True
@@ -196,8 +199,8 @@ class LaunchConfig:
         if not (self.lookback is True or self.lookback is False or self.lookback == "fwd"):
             raise ValueError(f'LaunchConfig.lookback must be True, False or "fwd", got {self.lookback!r}')
         _check_int("LaunchConfig", "lb_chunks", self.lb_chunks)
-        if not isinstance(self.state_bf16, str) or self.state_bf16 not in STATE_BF16_MODES:
-            raise ValueError(f"LaunchConfig.state_bf16 must be one of {sorted(STATE_BF16_MODES)}, "
+        if not isinstance(self.state_bf16, str) or self.state_bf16 not in STATE_BF16_CHOICES:
+            raise ValueError(f"LaunchConfig.state_bf16 must be one of {list(STATE_BF16_CHOICES)}, "
                              f"got {self.state_bf16!r}")
         for name in ("fuse_dkdv", "dq_gstate", "fast_launch", "poison"):
             _check_bool("LaunchConfig", name, getattr(self, name))
@@ -225,8 +228,19 @@ class LaunchConfig:
 
     @property
     def state_mode(self) -> int:
-        """The kernels' STATE constexpr for bf16 inputs (see kernels._sdot)."""
-        return STATE_BF16_MODES[self.state_bf16]
+        """The kernels' STATE constexpr for bf16 inputs (see kernels._sdot); an unresolved "auto" is "split"."""
+        return STATE_BF16_MODES["split" if self.state_bf16 == "auto" else self.state_bf16]
+
+    def for_grads(self, slope_grad: bool) -> "LaunchConfig":
+        """This config with state_bf16="auto" resolved: "split" if slope_grad (the slopes need a gradient),
+        else "bf16"; other configs are returned as they are. Cached per config."""
+        if self.state_bf16 != "auto":
+            return self
+        cache = self.__dict__.get("_auto")
+        if cache is None:
+            cache = {True: self.replace(state_bf16="split"), False: self.replace(state_bf16="bf16")}
+            object.__setattr__(self, "_auto", cache)
+        return cache[bool(slope_grad)]
 
     def replace(self, **overrides: Any) -> "LaunchConfig":
         """A copy with fields replaced; a dict for a nested value (a kernel kind, seg_long, small) updates
