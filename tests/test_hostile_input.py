@@ -329,6 +329,10 @@ CONFIG_CASES = [
     (["data.kind=recall", "model.overrides.vocab_size=16"], "data: num_pairs=16 needs at least"),
     (["model.overrides.dropout=1.5"], "model: TNLConfig.dropout must be in [0, 1), got 1.5"),
     (["model.overrides.n_layers=abc"], "model.overrides.n_layers must be int, got 'abc' (str)"),
+    (["model.activation_checkpointing=maybe"],
+     "model.activation_checkpointing must be one of ('none', 'selective', 'full', 'auto')"),
+    (["model.overrides.activation_checkpointing=partial"],
+     "model.overrides.activation_checkpointing must be one of ('none', 'selective', 'full', 'auto')"),
     (["model.overrides.vocab_size=100"], "data.kind=corpus is byte-level (256 tokens) but the model's vocab_size is 100"),
     (["model.overrides=3"], "Cannot assign int to Dict[str, Any] (key: model.overrides)"),
 ]

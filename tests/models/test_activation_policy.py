@@ -144,3 +144,57 @@ def test_bool_spellings_and_bad_values():
             TNLConfig.preset("tiny", activation_checkpointing=p, activation_offload=True)
     with pytest.raises(ValueError, match="policy must be 'none', 'selective' or 'full'"):
         run_block(TNLBlock(TNLConfig.preset("tiny"), 0), "auto", torch.zeros(1, 4, 64))
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_policies_bf16_gradients_peaks_and_estimate(compiled):
+    """tnl-0.4b's block (4 layers), B1 T16K, bf16 autocast, fused AdamW, two steps: selective and full match
+    none's loss and gradients (bf16 rounding), peaks order none > selective > full, and the second step's peak
+    is within 25% of step_memory_bytes."""
+    import gc
+
+    B, T = 1, 16384
+    res = {}
+    for policy in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        cfg = TNLConfig.preset("tnl-0.4b", n_layers=4, activation_checkpointing=policy)
+        model = TransNormerLLM(cfg).cuda().train()
+        if compiled:
+            torch._dynamo.reset()
+            model.compile_blocks()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
+        y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
+        for step in range(2):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x, labels=y, return_logits=False).loss
+            loss.backward()
+            if step == 0:
+                first = (loss.item(), {n: p.grad.float().cpu() for n, p in model.named_parameters()})
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        res[policy] = dict(first=first, peak=torch.cuda.max_memory_allocated(),
+                           est=step_memory_bytes(cfg, policy, B, T, compiled=compiled))
+        del model, opt, x, y, loss
+        gc.collect()
+        torch.cuda.empty_cache()
+    ref_loss, ref_grads = res["none"]["first"]
+    for policy in ("selective", "full"):
+        loss, grads = res[policy]["first"]
+        assert abs(loss - ref_loss) <= 1e-3 * abs(ref_loss), (policy, loss, ref_loss)
+        for n, gr in ref_grads.items():
+            err = float((grads[n] - gr).norm() / gr.norm().clamp_min(1e-30))
+            assert err <= 2e-2, f"{policy}: grad {n} rel err {err:.3g}"
+    peaks = {p: r["peak"] / 2**30 for p, r in res.items()}
+    ests = {p: r["est"] / 2**30 for p, r in res.items()}
+    print(f"compiled={compiled} peak GiB {peaks} estimated GiB {ests}")
+    assert peaks["none"] > peaks["selective"] > peaks["full"], peaks
+    for p in peaks:
+        assert abs(ests[p] - peaks[p]) <= 0.25 * peaks[p], (p, peaks, ests)
