@@ -7,7 +7,8 @@ LLaMA-style baseline has the same width, depth and head dim, softmax attention t
 
 MFU is PaLM's: model FLOPs per token = 6 x the parameters used in matrix products (LM head included,
 embedding lookup not) plus the attention's own FLOPs (TNL: ``seqpar.models.flops``; LLaMA: causal QK^T and PV),
-recompute NOT counted; HFU adds the recomputed block forwards (with ``--ac 1``). Both against ``--peak-tflops``
+recompute NOT counted; HFU adds the recomputed block forwards (with ``--ac full``; ``--ac`` takes the recompute
+policy of ``TNLConfig.activation_checkpointing``: 0 / none, sel / selective, 1 / full, auto). Both against ``--peak-tflops``
 (989 dense bf16 for H100/H200 SXM). ``--compile`` compiles the LLaMA baseline's blocks the same way as TNL's.
 
 ``--longest`` instead doubles T at batch 1 (activation checkpointing on) until the GPU runs out of
@@ -46,8 +47,22 @@ def tnl_attention_flops_per_token(cfg: TNLConfig, chunk: int = 64) -> float:
     return tnl_attention_flops(cfg, chunk)
 
 
-def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, offload: bool = False,
+AC_CHOICES = {"0": "none", "none": "none", "1": "full", "full": "full", "sel": "selective",
+              "selective": "selective", "auto": "auto"}
+
+
+def ac_policy(value) -> str:
+    """--ac: 0 / none, sel / selective, 1 / full, auto -> the TNLConfig.activation_checkpointing policy."""
+    v = str(value).lower()
+    if v not in AC_CHOICES:
+        raise argparse.ArgumentTypeError(f"--ac must be one of {sorted(AC_CHOICES)}, got {value!r}")
+    return AC_CHOICES[v]
+
+
+def build(kind: str, cfg: TNLConfig, ac, compile_blocks: bool = False, offload: bool = False,
           seq_chunk=None):
+    """ac: the TNL recompute policy (or a bool); the LLaMA baseline checkpoints its blocks only for "full"."""
+    ac = ac_policy(int(ac) if isinstance(ac, bool) else ac)
     if kind == "tnl":
         cfg = TNLConfig.from_dict({**cfg.to_dict(), "activation_checkpointing": ac, "activation_offload": offload,
                                    "seq_chunk": seq_chunk})
@@ -59,7 +74,7 @@ def build(kind: str, cfg: TNLConfig, ac: bool, compile_blocks: bool = False, off
     else:
         d, glu = cfg.d_model, cfg.glu_dim
         model = LlamaLM(cfg.vocab_size, d, cfg.n_layers, cfg.n_heads, hidden=glu + d // 3,
-                        activation_checkpointing=ac)
+                        activation_checkpointing=ac == "full")
         if compile_blocks == "model":  # the baseline compiled the same way
             model.compile()
         elif compile_blocks:
@@ -106,17 +121,25 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
             raise RuntimeError(f"non-finite loss {loss.item()}")
     step = statistics.median(times)
     tps = B * T / step
+    policy = ac_policy(int(ac) if isinstance(ac, bool) else ac)
+    if kind == "tnl":  # "auto" resolved for this shape
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            policy = model.activation_policy(B, min(T, seq_chunk or T), x)
+    elif policy != "full":
+        policy = "none"
     attn = tnl_attention_flops_per_token(cfg) if kind == "tnl" else attention_flops_per_token(cfg.n_layers, cfg.d_model, T)
     n_matmul = n_params - n_embed
     flops_tok = 6 * n_matmul + attn  # PaLM model FLOPs: no recompute
     n_head = cfg.vocab_size * cfg.d_model
-    hfu_tok = flops_tok + ((2 * (n_matmul - n_head) + attn / 3) if ac else 0)  # + recomputed block forwards
+    # + recomputed block forwards ("selective" recomputes no GEMM: its hardware FLOPs are those of "none")
+    hfu_tok = flops_tok + ((2 * (n_matmul - n_head) + attn / 3) if policy == "full" else 0)
     mfu = flops_tok * tps / (peak_tflops * 1e12)
     hfu = hfu_tok * tps / (peak_tflops * 1e12)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, x, y, loss
     gc.collect()
-    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, hfu=hfu, peak_gib=peak, params=n_params, loss0=first_loss)
+    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, hfu=hfu, peak_gib=peak, params=n_params, loss0=first_loss,
+                policy=policy)
 
 
 def main():
@@ -126,7 +149,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=131072, help="tokens per optimizer step")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--ac", type=int, default=1, help="activation checkpointing (1/0)")
+    ap.add_argument("--ac", type=ac_policy, default="full",
+                    help="recompute policy of the blocks: 0 / none, sel / selective, 1 / full, auto")
     ap.add_argument("--baseline", default="llama", help="'llama' or 'none'")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--longest", action="store_true")
@@ -157,12 +181,12 @@ def main():
             T = args.start_tokens
             while T <= args.max_tokens:
                 try:
-                    r = run_one("tnl", cfg, T, T, steps=1, warmup=1, ac=bool(args.ac), peak_tflops=args.peak_tflops,
+                    r = run_one("tnl", cfg, T, T, steps=1, warmup=1, ac=args.ac, peak_tflops=args.peak_tflops,
                                 seq_chunk=args.seq_chunk)
-                    rows.append(f"| {name} | {T} | {args.seq_chunk} | {'yes' if args.ac else 'no'} | {r['step_ms']:.0f} | "
+                    rows.append(f"| {name} | {T} | {args.seq_chunk} | {r['policy']} | {r['step_ms']:.0f} | "
                                 f"{r['tps']:.0f} | {r['tps'] / ref['tps']:.2f} | {r['peak_gib']:.1f} |")
                 except torch.cuda.OutOfMemoryError as e:
-                    rows.append(f"| {name} | {T} | {args.seq_chunk} | {'yes' if args.ac else 'no'} | OOM ({type(e).__name__}) | | | |")
+                    rows.append(f"| {name} | {T} | {args.seq_chunk} | {args.ac} | OOM ({type(e).__name__}) | | | |")
                     print(rows[-1], flush=True)
                     break
                 finally:
@@ -208,12 +232,14 @@ def main():
                              "tnl+model": "Lightning Attention-2 (seqpar), model compiled",
                              "llama+model": "softmax, torch SDPA, model compiled"}[kind]
                     try:
-                        r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, bool(args.ac),
+                        r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, args.ac,
                                     args.peak_tflops, compile_blocks=("model" if kind.endswith("model")
                                                                       else kind.endswith("compile")))
+                        label = f"{label}, recompute {r['policy']}"
                         rows.append(f"| {name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
                                     f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")
                     except torch.cuda.OutOfMemoryError:
+                        label = f"{label}, recompute {args.ac}"
                         rows.append(f"| {name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | |")
                     finally:
                         gc.collect()
@@ -223,7 +249,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     tag = ("longest_offload" if args.offload else "longest") if args.longest else "throughput"
     if args.longest and args.seq_chunk:
-        tag = f"longest_chunk{args.seq_chunk}_ac{int(bool(args.ac))}"
+        tag = f"longest_chunk{args.seq_chunk}_ac{ {'none': '0', 'full': '1'}.get(args.ac, args.ac)}"
     path = os.path.join(args.out, f"train_{tag}_{dev.replace(' ', '_')}.md")
     with open(path, "w") as f:
         f.write(table)

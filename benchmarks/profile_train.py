@@ -5,13 +5,16 @@ it measures the median step time, then profiles two steps and sums the GPU kerne
 (GEMMs, lightning-attention kernels, loss + head row pass, copies, memsets/fills, compiled elementwise,
 other elementwise, optimizer, communication); host gaps = step time - GPU busy time. Variants:
 
-    ac      activation checkpointing of every block (recompute = its step time - the no-recompute one)
+    ac      the blocks' recompute policy (``TNLConfig.activation_checkpointing``): ac0 / acnone = none, acsel /
+            selective = selective (GEMM and attention outputs kept, elementwise recomputed), ac1 / acfull = full
+            (every block recomputed from its input), acauto = auto (the fastest that fits the GPU)
     ce      ``fused`` (seqpar.kernels.linear_ce) or ``ckpt`` (the previous head: lm head + fp32 cross entropy per
             chunk under torch.utils.checkpoint, recomputed in the backward)
 
 MFU counts PaLM's model FLOPs (seqpar.models.flops); HFU adds the recomputed block forwards.
 
     python benchmarks/profile_train.py --models tnl-0.4b,tnl-1b --T 32768
+    python benchmarks/profile_train.py --models tnl-0.4b --variants ac0-fused,acsel-fused,ac1-fused
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from seqpar.models import TNLConfig, TransNormerLLM
 from seqpar.models.flops import hardware_flops_per_token, model_flops_per_token
+from seqpar.models.memory import step_memory_bytes
 
 CATEGORIES = [
     ("lightning-attn", re.compile(r"^_(lb_walk|seg_state|scan|fwd_out|bwd_|la_|lightning)")),
@@ -36,9 +40,9 @@ CATEGORIES = [
     ("GEMM", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|wgmma|splitK", re.I)),
     ("optimizer", re.compile(r"multi_tensor|fused_adam|FusedAdam|adam", re.I)),
     ("communication", re.compile(r"nccl", re.I)),
+    ("elementwise (compiled)", re.compile(r"^triton_")),  # inductor's fused kernels (names may hold "_to_copy")
     ("copies", re.compile(r"Memcpy|copy|CatArray|cat_", re.I)),
     ("memsets / fills", re.compile(r"Memset|fill|zero", re.I)),
-    ("elementwise (compiled)", re.compile(r"^triton_")),
 ]
 
 
@@ -65,6 +69,20 @@ def old_ce_sum(self, h, labels):
     return total
 
 
+AC_TAGS = {"ac0": "none", "acnone": "none", "none": "none", "ac1": "full", "acfull": "full", "full": "full",
+           "acsel": "selective", "acselective": "selective", "selective": "selective", "acauto": "auto",
+           "auto": "auto"}
+
+
+def parse_variant(v: str):
+    """'ac0-fused' -> ("none", "fused"): the recompute policy (AC_TAGS) and the head ("fused" | "ckpt")."""
+    ac, sep, ce = v.rpartition("-")
+    if not sep or ac not in AC_TAGS or ce not in ("fused", "ckpt"):
+        raise SystemExit(f"--variants: {v!r} is not <ac>-<head> with <ac> in {sorted(AC_TAGS)} and <head> in "
+                         f"fused, ckpt")
+    return AC_TAGS[ac], ce
+
+
 def step_fn(model, opt, x, y):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(x, labels=y, return_logits=False).loss
@@ -75,6 +93,7 @@ def step_fn(model, opt, x, y):
 
 
 def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup):
+    """ac: the recompute policy ("none" | "selective" | "full" | "auto"); compile_scope: None | "blocks" | "model"."""
     cfg = TNLConfig.preset(name, activation_checkpointing=ac)
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -110,8 +129,8 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup):
     busy = 0.0
     kernels = {}
     for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if evt.device_type != torch.autograd.DeviceType.CUDA or "#" in evt.name:
+            continue  # host events, and user annotations mirrored on the GPU timeline (e.g. Optimizer.step#AdamW.step)
         us = evt.time_range.elapsed_us()
         cats[category(evt.name)] = cats.get(category(evt.name), 0.0) + us / 2e3  # ms per step
         busy += us / 2e3
@@ -127,9 +146,13 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup):
     opt_ms = (time.perf_counter() - t0) / 5 * 1e3
     peak = torch.cuda.max_memory_allocated() / 2**30
     tps = B * T / step
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ac = model.activation_policy(B, T, x)  # "auto" resolved for this shape
+    est = step_memory_bytes(cfg, ac, B, T, compiled=compile_scope is not None) / 2**30
+    # selective recomputes no GEMM (and, compiled, not the attention op): its hardware FLOPs are those of "none"
     r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, busy_ms=busy, cats=cats,
-             mfu=model_flops_per_token(cfg) * tps / 989e12,
-             hfu=hardware_flops_per_token(cfg, "full" if ac else "none") * tps / 989e12,
+             mfu=model_flops_per_token(cfg) * tps / 989e12, est_gib=est,
+             hfu=hardware_flops_per_token(cfg, "full" if ac == "full" else "none") * tps / 989e12,
              peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1],
              top=sorted(((ms, k) for k, ms in kernels.items()
                          if category(k) not in ("GEMM", "lightning-attn")), reverse=True)[:12])
@@ -145,7 +168,8 @@ def main():
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--variants", default="ac1-ckpt,ac1-fused,ac0-ckpt,ac0-fused",
-                    help="comma list of ac{0,1}-{ckpt,fused}")
+                    help="comma list of <ac>-<head>: ac0 (none) | acsel (selective) | ac1 (full) | acauto, "
+                         "and ckpt | fused")
     ap.add_argument("--compile", default="blocks", choices=["0", "1", "blocks", "model"],
                     help="0: eager; 1 or blocks: compile each block; model: compile the whole model")
     ap.add_argument("--steps", type=int, default=5)
@@ -161,9 +185,9 @@ def main():
     results = []
     for name in args.models.split(","):
         for v in args.variants.split(","):
-            ac, ce = v.split("-")
+            ac, ce = parse_variant(v)
             try:
-                r = run_variant(name, args.T, args.B, ac == "ac1", ce, scope, args.steps, args.warmup)
+                r = run_variant(name, args.T, args.B, ac, ce, scope, args.steps, args.warmup)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name} {v}: OOM", flush=True)
                 gc.collect()
@@ -171,7 +195,8 @@ def main():
                 continue
             results.append(r)
             print(f"{name} {v}: step {r['step_ms']:.1f} ms, {r['tps']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
-                  f"HFU {100 * r['hfu']:.1f}%, busy {r['busy_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB, "
+                  f"HFU {100 * r['hfu']:.1f}%, busy {r['busy_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB "
+                  f"(estimated {r['est_gib']:.1f}, policy {r['ac']}), "
                   f"loss {r['loss_last']:.4f}", flush=True)
     cats = [c for c, _ in CATEGORIES] + ["other elementwise / reductions"]
     lines = [
@@ -180,20 +205,21 @@ def main():
         f"bf16 autocast, fused AdamW; command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
         "GPU ms per step by kernel category (torch profiler, mean of 2 steps); host gaps = step - GPU busy; "
         "optimizer (alone) = fused AdamW step timed separately; MFU = PaLM model FLOPs, HFU = + recompute, "
-        "against 989 TFLOP/s.", "",
-        "| model | recompute | head | step ms | tokens/s | MFU | HFU | peak GiB | " + " | ".join(cats)
+        "against 989 TFLOP/s; estimated GiB = seqpar.models.memory.step_memory_bytes.", "",
+        "| model | recompute | head | step ms | tokens/s | MFU | HFU | peak GiB | estimated GiB | " + " | ".join(cats)
         + " | GPU busy | host gaps | optimizer (alone) | loss, last step |",
-        "|" + "---|" * (12 + len(cats)),
+        "|" + "---|" * (13 + len(cats)),
     ]
     for r in results:
         cells = [f"{r['cats'].get(c, 0.0):.1f}" for c in cats]
         lines.append(
-            f"| {r['model']} | {'full' if r['ac'] else 'none'} | {r['ce']} | {r['step_ms']:.1f} | {r['tps']:.0f} | "
-            f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | " + " | ".join(cells)
+            f"| {r['model']} | {r['ac']} | {r['ce']} | {r['step_ms']:.1f} | {r['tps']:.0f} | "
+            f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['est_gib']:.1f} | "
+            + " | ".join(cells)
             + f" | {r['busy_ms']:.1f} | {r['step_ms'] - r['busy_ms']:.1f} | {r['opt_ms']:.1f} | {r['loss_last']:.4f} |")
     for r in results:  # where the non-GEMM, non-attention time goes, by kernel
         lines += ["", f"Top kernels outside GEMM and lightning-attn, {r['model']}, recompute "
-                  f"{'full' if r['ac'] else 'none'}, head {r['ce']} (ms per step):", "",
+                  f"{r['ac']}, head {r['ce']} (ms per step):", "",
                   "| ms | category | kernel |", "|---|---|---|"]
         lines += [f"| {ms:.2f} | {category(k)} | `{k[:110]}` |" for ms, k in r["top"]]
     table = "\n".join(lines) + "\n"

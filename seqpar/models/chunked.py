@@ -25,7 +25,8 @@ Details that keep it exact:
   ``torch.utils.checkpoint`` does); autocast: its state at the forward is re-entered in the backward.
 
 Memory: the boundary states, ``(n - 1) x n_layers x B x H x D x E x 4`` bytes, plus one chunk's
-activations (with ``activation_checkpointing`` the chunk's blocks are checkpointed inside its recompute).
+activations (with ``activation_checkpointing`` "selective" / "full" the chunk's blocks are checkpointed inside its
+recompute; "auto" chooses for the chunk's shape [B, C]).
 """
 from __future__ import annotations
 
@@ -35,9 +36,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from .transnormer import IGNORE_INDEX, LMOutput, _ce_sum, _offload_saved
+from .transnormer import IGNORE_INDEX, LMOutput, _ce_sum, run_block
 
 __all__ = ["chunk_plan", "ChunkPlan", "chunked_forward", "chunked_prefill", "boundary_state_bytes"]
 
@@ -96,8 +96,10 @@ def _local_h0(S: Optional[torch.Tensor], n_docs: Optional[int]) -> Optional[torc
     return torch.cat([S, S.new_zeros((n_docs - 1,) + tuple(S.shape[1:]))], 0)
 
 
-def _run_layers(model, ids_c, cu_c, states_in, want_ht: bool, ckpt: bool):
+def _run_layers(model, ids_c, cu_c, states_in, want_ht: bool, ckpt: str):
     """Embedding + all blocks on one chunk: (x [B, Tc, d], per-layer final states or Nones).
+
+    ckpt: the blocks' recompute policy ("none" | "selective" | "full").
 
     states_in: per layer the carried state or None (zero); with cu_c the states are those of the
     chunk's first document ([1, H, D, E]) and the returned ones those of its last document.
@@ -109,12 +111,7 @@ def _run_layers(model, ids_c, cu_c, states_in, want_ht: bool, ckpt: bool):
     out_states = []
     for layer, S in zip(model.layers, states_in):
         h0 = _local_h0(S, n_docs)
-        if ckpt:
-            with _offload_saved() if model.config.activation_offload else contextlib.nullcontext():
-                x, ht = checkpoint(layer, x, cu_seqlens=cu_c, initial_state=h0, output_final_state=want_ht,
-                                   use_reentrant=False)
-        else:
-            x, ht = layer(x, cu_seqlens=cu_c, initial_state=h0, output_final_state=want_ht)
+        x, ht = run_block(layer, ckpt, x, cu_c, h0, want_ht, True, offload=model.config.activation_offload)
         if ht is not None and n_docs is not None:
             ht = ht[-1:]
         out_states.append(ht if want_ht else None)
@@ -195,7 +192,7 @@ class _ChunkedLM(torch.autograd.Function):
             last = c == n - 1
             want_ht = (not last and plan.continues[c + 1]) or (last and run.want_final)
             labels_c = run.labels[:, s:e] if run.labels is not None else None
-            x, S = _run_layers(model, run.input_ids[:, s:e], run.cu[c], S, want_ht, ckpt=False)
+            x, S = _run_layers(model, run.input_ids[:, s:e], run.cu[c], S, want_ht, ckpt="none")
             part, lg = _head(model, x, labels_c, run.want_logits)
             if part is not None:
                 total = part if total is None else total + part
@@ -328,9 +325,9 @@ def chunked_forward(model, input_ids, labels=None, cu_seqlens=None, initial_stat
         )
     init = list(initial_states) if initial_states is not None else None
     needs_grad = torch.is_grad_enabled() and (bool(params) or (init is not None and any(t.requires_grad for t in init)))
-    ckpt = model.config.activation_checkpointing and model.training
+    ckpt = model.activation_policy(input_ids.shape[0], min(C, T)) if model.training else "none"
     if needs_grad:
-        if ckpt and model.config.activation_offload:
+        if ckpt == "full" and model.config.activation_offload:
             from .offload import check_offload_fits
 
             check_offload_fits(model.config, input_ids.shape[0], min(C, T), model.embed.weight.dtype)
@@ -348,7 +345,7 @@ def chunked_forward(model, input_ids, labels=None, cu_seqlens=None, initial_stat
                 S = [None] * L
             last = c == len(plan) - 1
             want_ht = (not last and plan.continues[c + 1]) or (last and output_final_states)
-            x, S = _run_layers(model, input_ids[:, s:e], cu_t[c], S, want_ht, ckpt=False)
+            x, S = _run_layers(model, input_ids[:, s:e], cu_t[c], S, want_ht, ckpt="none")
             part, lg = _head(model, x, labels[:, s:e] if labels is not None else None, want_logits)
             if part is not None:
                 total = part if total is None else total + part
@@ -369,5 +366,5 @@ def chunked_prefill(model, prompt_ids: torch.Tensor, chunk: Optional[int] = None
     plan = chunk_plan(prompt_ids.shape[1], C)
     S: List[Optional[torch.Tensor]] = [None] * len(model.layers)
     for s, e in plan.bounds:
-        x, S = _run_layers(model, prompt_ids[:, s:e], None, S, True, ckpt=False)
+        x, S = _run_layers(model, prompt_ids[:, s:e], None, S, True, ckpt="none")
     return model.lm_head(model.final_norm(x[:, -1])), S

@@ -3,12 +3,28 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 _DECAYS = ("tnl", "alibi", "none")
 _GATE_ACTS = ("sigmoid", "silu", "none")
 _QK_ACTS = ("silu", "relu", "elu1", "none")
 _SP_MODES = ("allgather", "ring")
+ACTIVATION_POLICIES = ("none", "selective", "full", "auto")
+
+
+def normalize_activation_checkpointing(value: Any, name: str = "TNLConfig.activation_checkpointing") -> str:
+    """The activation memory policy named by ``value``: "none" | "selective" | "full" | "auto".
+
+    Booleans are the old spelling: False -> "none", True -> "full". Anything else is a ValueError naming
+    ``name`` and the choices.
+    """
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if isinstance(value, str) and value in ACTIVATION_POLICIES:
+        return value
+    raise ValueError(f"{name} must be one of {ACTIVATION_POLICIES} (or a bool: False = 'none', True = 'full'), "
+                     f"got {value!r}")
+
 
 # Architectures of the TransNormerLLM paper (Qin et al. 2023, arXiv 2307.14995, Table of model sizes):
 # 385M: 24 layers d 1024, 1B: 16 layers d 2048, 3B: 32 layers d 2560, 15B: 42 layers d 5120 (40 heads),
@@ -54,9 +70,15 @@ class TNLConfig:
         dropout: residual dropout on the output of each token / channel mixer.
         bias: biases in the linear layers.
         tie_embeddings: share the input embedding with the lm head.
-        activation_checkpointing: recompute each block in the backward (torch.utils.checkpoint,
-            use_reentrant=False), active in training mode only.
-        activation_offload: with activation_checkpointing, keep each block's saved input (the fp32
+        activation_checkpointing: activation memory policy of the blocks in training (grad enabled):
+            "none" keeps every activation; "selective" checkpoints each block with a selective policy that
+            keeps the outputs of the GEMMs and of the Lightning Attention op and recomputes the cheap
+            elementwise ops (norms, activations, gates, products, residual adds) in the backward; "full"
+            recomputes each whole block from its input (torch.utils.checkpoint, use_reentrant=False);
+            "auto" picks, once per (B, T) and device, the fastest of none > selective > full whose
+            estimated step memory fits the device (:mod:`seqpar.models.memory`; "none" on the CPU).
+            Booleans keep working: False = "none", True = "full" (stored normalised, as a string).
+        activation_offload: with activation_checkpointing="full", keep each block's saved input (the fp32
             residual stream, 4 * d_model bytes per token and layer) in host memory, pinned, instead of on
             the GPU; it is copied back when the block is recomputed. Host memory: n_layers * B * T *
             d_model * itemsize, checked up front (:mod:`seqpar.models.offload`, ``HostMemoryError``).
@@ -92,7 +114,7 @@ class TNLConfig:
     dropout: float = 0.0
     bias: bool = False
     tie_embeddings: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, str] = "none"
     activation_offload: bool = False
     init_std: float = 0.02
     scaled_init: bool = True
@@ -137,9 +159,10 @@ class TNLConfig:
                 raise ValueError(f"TNLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.attn_backend not in (None, "triton", "torch"):
             raise ValueError(f"TNLConfig.attn_backend must be None, 'triton' or 'torch', got {self.attn_backend!r}")
-        if self.activation_offload and not self.activation_checkpointing:
-            raise ValueError("TNLConfig.activation_offload needs activation_checkpointing=True (it offloads the "
-                             "checkpointed block inputs)")
+        self.activation_checkpointing = normalize_activation_checkpointing(self.activation_checkpointing)
+        if self.activation_offload and self.activation_checkpointing != "full":
+            raise ValueError("TNLConfig.activation_offload needs activation_checkpointing=True ('full': it offloads "
+                             f"the checkpointed block inputs), got {self.activation_checkpointing!r}")
         if self.learnable_slopes and self.decay == "none":
             raise ValueError("TNLConfig.learnable_slopes needs a decay ('tnl' or 'alibi'), got decay='none'")
 

@@ -22,6 +22,7 @@ contract is described in :meth:`TransNormerLLM.forward`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..kernels.lightning_attn import lightning_attn
 from ..kernels.linear_ce import linear_cross_entropy
@@ -104,6 +105,51 @@ def _offload_saved():
     return save_on_host(pin_memory=torch.cuda.is_available())
 
 
+# ----------------------------------------------------------------------------------------- recompute policy
+def _saved_ops():
+    """Ops whose outputs selective checkpointing keeps: the GEMMs and the Lightning Attention custom op."""
+    from ..kernels.lightning_attn import ops as _la_ops  # noqa: F401  registers seqpar::lightning_attn_fwd
+
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.linear.default,
+           torch.ops.seqpar.lightning_attn_fwd.default}
+    if hasattr(aten, "_scaled_mm"):
+        ops.add(aten._scaled_mm.default)
+    return frozenset(ops)
+
+
+SELECTIVE_SAVED_OPS = _saved_ops()
+
+
+def selective_checkpoint_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Policy of ``activation_checkpointing="selective"``: keep the outputs of the GEMMs and of
+    ``seqpar::lightning_attn_fwd``, recompute everything else (norms, activations, gates, products, adds)."""
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# context_fn of torch.utils.checkpoint; a functools.partial, the form torch.compile traces
+selective_checkpoint_context = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy)
+
+
+def _lightning_attn_op(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, backend):
+    """:func:`lightning_attn` run as the one dispatched custom op ``seqpar::lightning_attn_fwd`` in eager mode
+    too (under torch.compile it is that op already), so that selective checkpointing sees and keeps its
+    outputs o [B, T, H, E] and ht [N, H, D, E] (the Triton autograd.Function path is invisible to the
+    dispatcher: its kernels write into plain allocations). On Triton the op also returns its segment states,
+    so its backward runs only the backward kernels."""
+    if torch.compiler.is_compiling():
+        return lightning_attn(q, k, v, slopes, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
+    from ..kernels.lightning_attn.interface import validate_inputs
+    from ..kernels.lightning_attn.ops import lightning_attn_fwd_op
+
+    _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    slope_grad = torch.is_grad_enabled() and slopes.requires_grad
+    o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad)
+    return o, (ht if output_final_state else None)
+
+
 def _sp_size(group) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
@@ -173,7 +219,10 @@ class GatedLinearAttention(nn.Module):
         o = o.reshape(o.shape[:-2] + (-1,))
         return self.o_proj(self.norm(o).to(u.dtype) * u)
 
-    def forward(self, x, cu_seqlens=None, initial_state=None, output_final_state=False, use_sp=True):
+    def forward(self, x, cu_seqlens=None, initial_state=None, output_final_state=False, use_sp=True,
+                as_op=False):
+        """x [B, T, d] -> (y [B, T, d], ht [B|N, H, D, E] or None). ``as_op``: run the operator as the
+        dispatched custom op (what selective checkpointing keeps)."""
         q, k, v, u = self._qkvu(x)
         slopes = self.slopes
         sp_group = self._sp_group if use_sp else None
@@ -188,7 +237,8 @@ class GatedLinearAttention(nn.Module):
             )
             ht = None
         else:
-            o, ht = lightning_attn(
+            attn = _lightning_attn_op if as_op else lightning_attn
+            o, ht = attn(
                 q, k, v, slopes, scale=self.scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.config.attn_backend,
             )
@@ -229,10 +279,24 @@ class TNLBlock(nn.Module):
         self.channel_mixer = SGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cu_seqlens=None, initial_state=None, output_final_state=False, use_sp=True):
+    def forward(self, x, cu_seqlens=None, initial_state=None, output_final_state=False, use_sp=True,
+                recompute="none"):
+        """x [B, T, d] -> (x [B, T, d], ht or None).
+
+        ``recompute="selective"`` (with grad enabled) checkpoints the block with
+        :func:`selective_checkpoint_policy` inside this forward, so that under ``compile_blocks`` the
+        checkpoint lies inside the compiled graph (torch.compile then applies the policy when it partitions
+        the forward and backward). "full" recompute is the caller's ``checkpoint(block, ...)``.
+        """
+        if recompute == "selective" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cu_seqlens, initial_state, output_final_state, use_sp, True,
+                              use_reentrant=False, context_fn=selective_checkpoint_context)
+        return self._forward(x, cu_seqlens, initial_state, output_final_state, use_sp, False)
+
+    def _forward(self, x, cu_seqlens, initial_state, output_final_state, use_sp, as_op):
         a, ht = self.token_mixer(
             self.token_norm(x), cu_seqlens=cu_seqlens, initial_state=initial_state,
-            output_final_state=output_final_state, use_sp=use_sp,
+            output_final_state=output_final_state, use_sp=use_sp, as_op=as_op,
         )
         x = x + self.dropout(a)
         x = x + self.dropout(self.channel_mixer(self.channel_norm(x)))
@@ -243,6 +307,26 @@ class TNLBlock(nn.Module):
         x = x + a
         x = x + self.channel_mixer(self.channel_norm(x))
         return x, state
+
+
+def run_block(layer: "TNLBlock", policy: str, x, cu_seqlens=None, initial_state=None, output_final_state=False,
+              use_sp=True, offload: bool = False):
+    """One block under a recompute policy ("none" | "selective" | "full"): x [B, T, d] -> (x, ht or None).
+
+    "full" wraps the block in ``torch.utils.checkpoint`` (outside a compiled block), saving only its input,
+    which with ``offload`` waits in host memory; "selective" checkpoints inside the block's forward."""
+    if policy == "full":
+        # the checkpoint saves its inputs under the saved-tensor hooks active here (its own hooks only
+        # cover the block's internals): with activation_offload those hooks move them to host memory
+        with _offload_saved() if offload else contextlib.nullcontext():
+            return checkpoint(layer, x, cu_seqlens, initial_state, output_final_state, use_sp, use_reentrant=False)
+    if policy == "selective":
+        return layer(x, cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+                     use_sp=use_sp, recompute="selective")
+    if policy != "none":
+        raise ValueError(f"policy must be 'none', 'selective' or 'full', got {policy!r}")
+    return layer(x, cu_seqlens=cu_seqlens, initial_state=initial_state, output_final_state=output_final_state,
+                 use_sp=use_sp)
 
 
 def _ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -378,6 +462,32 @@ class TransNormerLLM(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
+    # -- activation memory policy
+    def activation_policy(self, batch_size: int, seq_len: int, like: Optional[torch.Tensor] = None) -> str:
+        """The recompute policy ("none" | "selective" | "full") of a training forward of [batch_size, seq_len]
+        tokens: ``config.activation_checkpointing``, or for "auto" the fastest policy whose estimated step
+        memory fits the device (:func:`seqpar.models.memory.choose_activation_policy`), chosen once per
+        (B, T, device, dtype) and cached (``model._policy_cache``). ``like``: a tensor on the device (default: the
+        embedding's)."""
+        policy = self.config.activation_checkpointing
+        if policy != "auto":
+            return policy
+        ref = like if like is not None else self.embed.weight
+        dtype = torch.get_autocast_dtype(ref.device.type) if torch.is_autocast_enabled(ref.device.type) else ref.dtype
+        compiled = any(getattr(layer, "_compiled_call_impl", None) is not None for layer in self.layers)
+        key = (int(batch_size), int(seq_len), str(ref.device), dtype, compiled)
+        cache = self.__dict__.setdefault("_policy_cache", {})
+        if key not in cache:
+            from .memory import choose_activation_policy, device_budget_bytes, model_state_bytes
+
+            budget = device_budget_bytes(ref.device)
+            if budget is None:  # CPU: no device memory to fit
+                cache[key] = "none"
+            else:
+                cache[key] = choose_activation_policy(self.config, batch_size, seq_len, budget, dtype=dtype,
+                                                      state_bytes=model_state_bytes(self), compiled=compiled)
+        return cache[key]
+
     # -- input checks
     def _check_inputs(self, input_ids, labels, cu_seqlens) -> None:
         if not isinstance(input_ids, torch.Tensor):
@@ -475,28 +585,18 @@ class TransNormerLLM(nn.Module):
                 return out
 
         x = self.embed(input_ids)
-        ckpt = (
-            self.config.activation_checkpointing
-            and self.training
-            and torch.is_grad_enabled()
-            and initial_states is None
-            and not output_final_states
-        )
-        if ckpt and self.config.activation_offload:  # a clear error instead of a process killed mid-forward
+        policy = "none"
+        if self.training and torch.is_grad_enabled() and initial_states is None and not output_final_states:
+            policy = self.activation_policy(x.shape[0], x.shape[1], x)
+        if policy == "full" and self.config.activation_offload:  # a clear error instead of a process killed mid-forward
             from .offload import check_offload_fits
 
             check_offload_fits(self.config, x.shape[0], x.shape[1], x.dtype)
         final_states = [] if output_final_states else None
         for i, layer in enumerate(self.layers):
             h0 = initial_states[i] if initial_states is not None else None
-            if ckpt:
-                # the checkpoint saves its inputs under the saved-tensor hooks active here (its own hooks only
-                # cover the block's internals): with activation_offload those hooks move them to host memory
-                with _offload_saved() if self.config.activation_offload else contextlib.nullcontext():
-                    x, ht = checkpoint(layer, x, cu_seqlens, None, False, use_sp, use_reentrant=False)
-            else:
-                x, ht = layer(x, cu_seqlens=cu_seqlens, initial_state=h0,
-                              output_final_state=output_final_states, use_sp=use_sp)
+            x, ht = run_block(layer, policy, x, cu_seqlens, h0, output_final_states, use_sp,
+                              offload=self.config.activation_offload)
             if final_states is not None:
                 final_states.append(ht)
         h = self.final_norm(x)

@@ -7,19 +7,25 @@ from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, check_model_overrides
+from .config import ConfigError, activation_policy, check_model_overrides
 
 __all__ = ["build", "build_model_config", "check_vocab_covers_data"]
 
 
 def build_model_config(cfg):
-    """TNLConfig from ``model.preset`` + ``model.overrides`` (type-checked) + ``parallel.sp_mode``."""
+    """TNLConfig from ``model.preset`` + ``model.overrides`` (type-checked) + ``parallel.sp_mode`` +
+    ``model.activation_checkpointing`` (unless the overrides set it)."""
     from seqpar.models import TNLConfig
 
     check_model_overrides(cfg.model.overrides)
     try:
         overrides = dict(OmegaConf.to_container(cfg.model.overrides, resolve=True))
         overrides["sp_mode"] = cfg.parallel.sp_mode
+        if "activation_checkpointing" not in overrides:  # an explicit overrides value wins
+            policy = activation_policy(cfg.model.get("activation_checkpointing", "auto"))
+            if policy == "auto" and overrides.get("activation_offload"):
+                policy = "full"  # offload moves the inputs of fully checkpointed blocks
+            overrides["activation_checkpointing"] = policy
         return TNLConfig.preset(cfg.model.preset, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["ModelConfig", "DataConfig", "ParallelConfig", "OptimConfig", "TrainerConfig", "TrainConfig",
-           "ConfigError", "parse_args", "load_config", "check_values", "check_model_overrides", "config_help"]
+           "ConfigError", "parse_args", "load_config", "check_values", "check_model_overrides", "config_help",
+           "activation_policy"]
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,9 @@ class ModelConfig:
     overrides: Dict[str, Any] = _f(factory=dict, help="any TNLConfig field, type-checked, e.g. {n_layers: 4}")
     compile: bool = _f(False, "torch.compile the model (see compile_scope)")
     compile_scope: str = _f("auto", "model (one graph) | blocks (each block) | auto (model without SP/FSDP, else blocks)")
+    activation_checkpointing: str = _f(
+        "auto", "recompute policy: none | selective | full | auto (per length: the fastest that fits the GPU; "
+        "full with activation_offload); model.overrides.activation_checkpointing wins")
 
 
 @dataclass
@@ -212,7 +216,20 @@ def check_values(cfg) -> None:
     for key, value, ok, want in rules:
         if not ok:
             raise ConfigError(f"{key} must be {want}, got {value!r}")
+    activation_policy(cfg.model.activation_checkpointing)
     check_model_overrides(cfg.model.overrides)
+
+
+def activation_policy(value: Any, key: str = "model.activation_checkpointing") -> str:
+    """The recompute policy of ``key``: none | selective | full | auto (true / false: full / none)."""
+    from seqpar.models.config import normalize_activation_checkpointing
+
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # a str key turns `true` into "True"
+        value = value.lower() == "true"
+    try:
+        return normalize_activation_checkpointing(value, name=key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -247,3 +264,5 @@ def check_model_overrides(overrides) -> None:
         if not _type_ok(value, tp):
             want = " or ".join("null" if a is type(None) else a.__name__ for a in (typing.get_args(tp) or (tp,)))
             raise ConfigError(f"model.overrides.{name} must be {want}, got {value!r} ({type(value).__name__})")
+        if name == "activation_checkpointing":
+            activation_policy(value, "model.overrides.activation_checkpointing")

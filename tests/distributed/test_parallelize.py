@@ -29,6 +29,7 @@ CASES = [  # (dp, sp, sp_mode, packed, fsdp, activation_checkpointing)
     (1, 4, "allgather", True, True, False),
     (1, 4, "ring", True, True, False),
     (2, 2, "ring", False, False, False),
+    (2, 2, "allgather", False, True, "selective"),  # selective checkpointing inside FSDP2's block hooks
 ]
 
 

@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from seqpar.models import TNLConfig, TransNormerLLM
 
 B, T = 2, 48
-MODES = (("allgather", False), ("ring", True))  # (sp_mode, activation_checkpointing)
+# (sp_mode, activation_checkpointing): selective recomputes the SP exchange of the elementwise-recomputed block
+MODES = (("allgather", False), ("ring", True), ("allgather", "selective"))
 
 
 def _cfg(mode="allgather", ckpt=False):
@@ -65,7 +66,7 @@ def _worker(rank, world, port, state_path, out_dir):
                 gsum = p.grad.clone()
                 dist.all_reduce(gsum, group=group)
                 grads[n] = gsum / world
-            results[mode] = {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": grads}
+            results[f"{mode}-{ckpt}"] = {"loss": out.loss.detach(), "logits": out.logits.detach(), "grads": grads}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -87,8 +88,8 @@ def test_sp_loss_and_grads_match_single_process(world, tmp_path):
     L = T // world
     for rank in range(world):
         res = torch.load(tmp_path / f"rank{rank}.pt")
-        for mode, _ in MODES:
-            r = res[mode]
+        for mode, ckpt in MODES:
+            r = res[f"{mode}-{ckpt}"]
             torch.testing.assert_close(r["loss"], ref.loss.detach(), rtol=1e-10, atol=0, msg=f"{mode} loss rank {rank}")
             torch.testing.assert_close(
                 r["logits"], ref.logits.detach()[:, rank * L : (rank + 1) * L], rtol=1e-9, atol=1e-10,

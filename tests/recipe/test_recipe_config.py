@@ -21,7 +21,11 @@ def _config_error(argv, capsys=None) -> str:
     "overrides, message",
     [
         (["model.overrides.activation_checkpointing=maybe"],
-         "model.overrides.activation_checkpointing must be bool, got 'maybe' (str)"),
+         "model.overrides.activation_checkpointing must be one of ('none', 'selective', 'full', 'auto')"),
+        (["model.overrides.activation_checkpointing=3"],
+         "model.overrides.activation_checkpointing must be bool or str, got 3 (int)"),
+        (["model.activation_checkpointing=sometimes"],
+         "model.activation_checkpointing must be one of ('none', 'selective', 'full', 'auto')"),
         (["model.overrides.n_layers=2.5"], "model.overrides.n_layers must be int, got 2.5"),
         (["model.overrides.n_layers=true"], "model.overrides.n_layers must be int, got True"),
         (["model.overrides.dropout=lots"], "model.overrides.dropout must be float, got 'lots'"),
@@ -39,6 +43,25 @@ def test_valid_overrides_pass_the_type_check():
     cfg = load_config([], ["model.overrides.activation_checkpointing=true", "model.overrides.dropout=0",
                            "model.overrides.head_dim=null", "model.overrides.attn_scale=1"])
     recipe.check_values(cfg)  # int accepted for float, null for Optional
+
+
+def test_activation_checkpointing_key():
+    """model.activation_checkpointing (default auto) sets the TNLConfig field unless the overrides do; true /
+    false spell full / none; auto with activation_offload is full."""
+    from seqpar.recipe.builders import build_model_config
+
+    def policy(*overrides):
+        cfg = load_config([], list(overrides))
+        recipe.check_values(cfg)
+        return build_model_config(cfg).activation_checkpointing
+
+    assert policy() == "auto"
+    assert policy("model.activation_checkpointing=selective") == "selective"
+    assert policy("model.activation_checkpointing=true") == "full"
+    assert policy("model.activation_checkpointing=false") == "none"
+    assert policy("model.activation_checkpointing=selective", "model.overrides.activation_checkpointing=false") == "none"
+    assert policy("model.overrides.activation_checkpointing=true") == "full"
+    assert policy("model.overrides.activation_offload=true") == "full"
 
 
 def test_print_config_runs_the_value_checks(capsys):
