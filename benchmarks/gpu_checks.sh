@@ -8,6 +8,9 @@
 #                                           bench_train vs LLaMA compiled whole, train.py model.compile=true
 #   bash benchmarks/gpu_checks.sh chunk     longest chunked sequences without block checkpointing (tnl-0.4b, tnl-1b)
 #   bash benchmarks/gpu_checks.sh parity    loss after 200 steps, fast path vs eager path, two seeds
+#   bash benchmarks/gpu_checks.sh op        GPU tests of the op / policies, kernel speed per state mode and
+#                                           entry path, T=2K vs SDPA, profiles with the whole model compiled
+#   bash benchmarks/gpu_checks.sh speed     bench_train 2K-128K vs compiled LLaMA (auto recompute), train.py
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,5 +68,25 @@ if [[ $what == chunk1b ]]; then
 fi
 if [[ $what == parity ]]; then
   timeout 420 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1 --out "$OUT" \
+    2>&1 | tail -14
+fi
+if [[ $what == op ]]; then
+  timeout 200 python3 -m pytest -n 12 -q -p no:cacheprovider -m gpu tests/kernels tests/models/test_activation_policy.py \
+    2>&1 | tee "$OUT/gpu_tests_op.log" | tail -6
+  timeout 60 python3 benchmarks/op_paths.py --shape 1,32768,8,128 --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+  timeout 60 python3 benchmarks/bench_kernel.py --shapes 4,16,2048,128 4,16,32768,128 --impls seqpar,sdpa --no-check \
+    2>&1 | grep -E "^\|" | tail -8
+  timeout 150 python3 benchmarks/profile_train.py --models tnl-0.4b --T 32768 --variants ac0-fused,acsel-fused \
+    --compile model --steps 3 --warmup 2 --out "$OUT/p04" 2>&1 | grep -E "^tnl" | tail -3
+  timeout 100 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused \
+    --compile model --steps 3 --warmup 2 --out "$OUT/p1b" 2>&1 | grep -E "^tnl" | tail -3
+fi
+if [[ $what == speed ]]; then
+  timeout 200 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
+    --steps 3 --warmup 2 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+  timeout 100 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
+    model.compile=true trainer.max_steps=40 trainer.log_every=10 trainer.val_check_interval=null trainer.ckpt_every=0 \
+    trainer.out_dir=/tmp/r04s 2>&1 | grep -E "^step|done|Error" | tail -6
+  timeout 240 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1 --out "$OUT" \
     2>&1 | tail -14
 fi
