@@ -44,6 +44,11 @@ def adamw_impl(on_cuda: bool, fp16_scaler: bool = False) -> dict:
     return {"foreach": True} if fp16_scaler else {"fused": True}
 
 
+def _host(x: float) -> torch.Tensor:
+    """A host number as a CPU scalar tensor for ``self.log`` (no device copy)."""
+    return torch.tensor(float(x), dtype=torch.float32)
+
+
 class LitLM(pl.LightningModule):
     """TransNormerLLM language model as a LightningModule.
 
@@ -146,9 +151,11 @@ class LitLM(pl.LightningModule):
         # sync_dist: the mean over all ranks = over dp (the ranks of an SP group hold the same group loss)
         self.log("train/loss", out.loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=B,
                  sync_dist=True)
+        # Host numbers are logged as CPU tensors: Lightning turns a python float into a tensor on the module's
+        # device, a host-to-device copy that waits for the queued GPU work, once per value and step.
         opt = self._trainer.optimizers[0] if self._trainer is not None and self._trainer.optimizers else None
         if opt is not None:
-            self.log("train/lr", float(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=B)
+            self.log("train/lr", _host(opt.param_groups[0]["lr"]), on_step=True, on_epoch=False, batch_size=B)
         # Throughput: the rank holds a distinct shard (or a distinct sample under pure DP), so the
         # global batch is local tokens x world size; each SP group's sequence counts once.
         now = time.perf_counter()
@@ -156,13 +163,22 @@ class LitLM(pl.LightningModule):
             dt = max(now - self._last_step_time, 1e-9)
             local_tokens = input_ids.numel()
             world = self._trainer.world_size if self._trainer is not None else 1
-            self.log("train/tokens_per_s", local_tokens * world / dt, on_step=True, on_epoch=False, batch_size=B)
-            self.log("train/tokens_per_gpu_per_s", local_tokens / dt, on_step=True, on_epoch=False, batch_size=B)
+            self.log("train/tokens_per_s", _host(local_tokens * world / dt), on_step=True, on_epoch=False,
+                     batch_size=B)
+            self.log("train/tokens_per_gpu_per_s", _host(local_tokens / dt), on_step=True, on_epoch=False,
+                     batch_size=B)
         self._last_step_time = now
-        if input_ids.is_cuda:  # the most any rank has held so far (training, incl. activations), GiB
+        if input_ids.is_cuda and self._logs_this_step():
+            # the most any rank has held so far (training, incl. activations), GiB: a device tensor for the
+            # max over ranks, so only on the steps the loggers write
             self.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(input_ids.device) / 2**30, on_step=True,
                      on_epoch=False, batch_size=B, sync_dist=True, reduce_fx="max")
         return out.loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether the Trainer's loggers write this step's metrics (every ``log_every_n_steps``)."""
+        conn = getattr(self._trainer, "_logger_connector", None) if self._trainer is not None else None
+        return bool(getattr(conn, "should_update_logs", True))
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None

@@ -46,6 +46,7 @@ class LastCheckpoint(pl.Callback):
         self.stopped_at: Optional[int] = None  # global step of the checkpoint written because of a signal
         self._previous: Dict[int, Any] = {}
         self._last_step = -1
+        self._pending = None  # CUDA: (event, pinned flag) of the previous step's reduction
 
     @property
     def path(self) -> str:
@@ -76,16 +77,31 @@ class LastCheckpoint(pl.Callback):
         self._previous = {}
 
     def _any_rank_signalled(self, trainer) -> bool:
+        """Whether any rank has received a stop signal; every rank gets the same answer at the same step.
+        On CUDA the max over ranks is read one step later (a copy to pinned memory behind an event), so the
+        step loop never waits for the GPU; CPU tensors (gloo) are reduced and read at once."""
         flag = 1 if self.received is not None else 0
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            t = torch.tensor([flag], dtype=torch.int32, device=trainer.strategy.root_device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
-        return flag > 0
+        if not (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()):
+            return flag > 0
+        device = trainer.strategy.root_device
+        t = torch.tensor([flag], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if device.type != "cuda":
+            return int(t.item()) > 0
+        host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        previous, self._pending = self._pending, (event, host)
+        if previous is None:
+            return False
+        previous[0].synchronize()  # recorded a step ago: long complete
+        return int(previous[1][0]) > 0
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
+        self._pending = None
         self._install()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
