@@ -4,6 +4,8 @@
 
 * train_throughput_<gpu>.png: tokens/GPU/s vs sequence length, TNL (Lightning Attention-2) vs LLaMA-SDPA,
   from results/train_throughput_<gpu>.md (benchmarks/bench_train.py);
+* train_longest_chunked_<gpu>.png: peak GPU memory and tokens/s vs sequence length of sequence-chunked
+  training (TNLConfig.seq_chunk), from results/train_longest_chunk*_<gpu>.md (bench_train.py --longest --seq-chunk);
 * kernel_<gpu>.png: fwd+bwd time per token vs sequence length of the attention operators (B*T*H fixed
   at B4 H16 up to 32K, then B1 T128K), from results/kernel_<gpu>.md (benchmarks/bench_kernel.py).
 Only what the tables hold is drawn; nothing is interpolated.
@@ -97,8 +99,47 @@ def plot_kernel(path):
     return out
 
 
+def plot_longest_chunked(paths, gpu):
+    """Two panels: peak GiB and tokens/s vs T, one line per (seq_chunk, block checkpointing) table."""
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    for n, path in enumerate(paths):
+        pts = []
+        for r in rows(path)[1:]:
+            if len(r) < 8 or not r[1].isdigit() or not r[5].replace(".", "").isdigit() or r[2] == "none":
+                continue
+            pts.append((int(r[1]), float(r[7]), float(r[5]), r[2], r[3]))
+        if not pts:
+            continue
+        label = f"seq_chunk {pts[0][3]}, block ckpt {pts[0][4]}"
+        T = [p[0] for p in pts]
+        ax_m.plot(T, [p[1] for p in pts], "o-", label=label)
+        ax_t.plot(T, [p[2] for p in pts], "o-", label=label)
+        ref = [r for r in rows(path)[1:] if len(r) >= 8 and r[2] == "none"]
+        if ref:
+            ax_t.axhline(float(ref[0][5]), ls="--", lw=1, color="gray",
+                         label="32K unchunked, checkpointed" if n == 0 else None)
+    for ax, yl in ((ax_m, "peak GPU memory (GiB)"), (ax_t, "tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens in one sequence (B = 1)")
+        ax.set_ylabel(yl)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"tnl-0.4b, exact sequence-chunked training, {gpu}")
+    fig.tight_layout()
+    out = os.path.join(HERE, f"train_longest_chunked_{gpu}.png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main():
     made = []
+    chunked = {}
+    for p in sorted(glob.glob(os.path.join(HERE, "train_longest_chunk*_*.md"))):
+        chunked.setdefault(os.path.splitext(p)[0].rsplit("_", 1)[-1], []).append(p)
+    for gpu, paths in chunked.items():
+        made.append(plot_longest_chunked(paths, gpu))
     for p in sorted(glob.glob(os.path.join(HERE, "train_throughput_*.md"))):
         made.append(plot_train(p))
     for p in sorted(glob.glob(os.path.join(HERE, "kernel_h*.md"))):
