@@ -34,6 +34,8 @@ Both Lightning class trees are served: ``pytorch_lightning`` (this project's dep
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 from collections.abc import Mapping
 from typing import Any, Dict, Optional
@@ -331,6 +333,26 @@ def _make_strategy_class(pl_module_name: str):
             if self.fsdp:
                 return  # FSDP2 reduce-scatters (and averages) the gradients itself: no DDP wrapper
             super().configure_ddp()
+
+        @contextlib.contextmanager
+        def block_backward_sync(self):
+            """Micro-batches of gradient accumulation: DDP's no_sync, or with fsdp every FSDP2 module's
+            gradients kept unsharded and local (no reduce-scatter) until the last micro-batch."""
+            if not self.fsdp:
+                with super().block_backward_sync():
+                    yield None
+                return
+            from torch.distributed.fsdp import FSDPModule
+
+            mods = [m for m in (self.lightning_module.modules() if self.lightning_module is not None else ())
+                    if isinstance(m, FSDPModule)]
+            for m in mods:
+                m.set_requires_gradient_sync(False, recurse=False)
+            try:
+                yield None
+            finally:
+                for m in mods:
+                    m.set_requires_gradient_sync(True, recurse=False)
 
         @property
         def distributed_sampler_kwargs(self) -> Dict[str, Any]:

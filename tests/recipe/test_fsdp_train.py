@@ -36,3 +36,19 @@ def test_torchrun_fsdp_trains_checkpoints_and_resumes_under_any_layout(tmp_path)
         assert sorted(got) == [3, 4, 5], (what, got)
         for step, loss in got.items():
             assert loss == pytest.approx(ref[step], rel=2e-5, abs=2e-5), (what, step, loss, ref[step])
+
+
+def test_torchrun_fsdp_gradient_accumulation_equals_ddp(tmp_path):
+    """trainer.accumulate_grad_batches=2 with fsdp (dp 2): the strategy keeps the micro-batch gradients local
+    (FSDP2's set_requires_gradient_sync(False)) until the last one, and the losses equal DDP's (no_sync)."""
+    common = ["--config", "configs/debug.yaml", "trainer.max_steps=3", "trainer.ckpt_every=0",
+              "trainer.val_check_interval=null", "trainer.accumulate_grad_batches=2", "parallel.sp=1",
+              "data.batch_size=1", "trainer.log_every=1"]
+    losses = {}
+    for fsdp in ("true", "false"):
+        d = tmp_path / fsdp
+        _run([*common, f"parallel.fsdp={fsdp}", f"trainer.out_dir={d}"], nproc=2)
+        losses[fsdp] = _losses(d)
+    assert sorted(losses["true"]) == sorted(losses["false"]) and len(losses["true"]) >= 3, losses
+    for step, loss in losses["false"].items():
+        assert losses["true"][step] == pytest.approx(loss, rel=2e-5, abs=2e-5), (step, losses)
