@@ -231,10 +231,19 @@ def main():
                              "llama+compile": "softmax, torch SDPA, blocks compiled",
                              "tnl+model": "Lightning Attention-2 (seqpar), model compiled",
                              "llama+model": "softmax, torch SDPA, model compiled"}[kind]
+                    scope = "model" if kind.endswith("model") else kind.endswith("compile")
                     try:
-                        r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, args.ac,
-                                    args.peak_tflops, compile_blocks=("model" if kind.endswith("model")
-                                                                      else kind.endswith("compile")))
+                        try:
+                            r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, args.ac,
+                                        args.peak_tflops, compile_blocks=scope)
+                        except torch.cuda.OutOfMemoryError:
+                            # --ac auto: the baseline has no memory estimate; it gets full recompute when none fits
+                            if args.ac != "auto" or kind.startswith("tnl"):
+                                raise
+                            gc.collect()
+                            torch.cuda.empty_cache()
+                            r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, "full",
+                                        args.peak_tflops, compile_blocks=scope)
                         label = f"{label}, recompute {r['policy']}"
                         rows.append(f"| {name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
                                     f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")

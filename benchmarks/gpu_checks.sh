@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_checks.sh op        GPU tests of the op / policies, kernel speed per state mode and
 #                                           entry path, T=2K vs SDPA, profiles with the whole model compiled
 #   bash benchmarks/gpu_checks.sh speed     bench_train 2K-128K vs compiled LLaMA (auto recompute), train.py
+#   bash benchmarks/gpu_checks.sh next      what is not measured yet: op paths after the fix, kernel regression and
+#                                           T=2K with CUDA graphs vs SDPA, train.py vs bare loop, 128K rows,
+#                                           tnl-1b chunked at 2M, loss parity at a stable learning rate
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,4 +92,19 @@ if [[ $what == speed ]]; then
     trainer.out_dir=/tmp/r04s 2>&1 | grep -E "^step|done|Error" | tail -6
   timeout 240 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1 --out "$OUT" \
     2>&1 | tail -14
+fi
+if [[ $what == next ]]; then
+  timeout 120 python3 benchmarks/op_paths.py --shape 1,32768,8,128 --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+  timeout 120 python3 benchmarks/op_graph.py --shapes 4,16,2048,128 4,16,8192,128 --out "$OUT" 2>&1 | grep -E "^\|" | tail -6
+  timeout 120 python3 benchmarks/bench_kernel.py --shapes 4,16,32768,128 1,16,131072,128 --impls seqpar,sdpa --no-check \
+    2>&1 | grep -E "^\|" | head -8
+  timeout 150 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
+    model.compile=true model.activation_checkpointing=none trainer.max_steps=40 trainer.log_every=10 \
+    trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r04n 2>&1 | grep -E "^step|done|Error" | tail -6
+  timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768,131072 --tokens 131072 \
+    --steps 2 --warmup 1 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -6
+  timeout 300 python3 benchmarks/bench_train.py --longest --seq-chunk 16384 --ac 0 --models tnl-1b \
+    --start-tokens 2097152 --max-tokens 2097152 --out "$OUT" 2>&1 | grep -E "^\|" | tail -4
+  timeout 300 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1,2 --lr 2e-4 \
+    --out "$OUT" 2>&1 | tail -14
 fi
