@@ -54,6 +54,14 @@ from .plan import CHUNK, _cdiv, _Plan, _seg_chunks_auto, get_plan  # noqa: F401 
 from .tuning import DEFAULT, LaunchConfig, from_env, resolve  # noqa: F401  (re-exported)
 
 
+def _keep(ctx, plan, cfg, scale, initial_state, slopes) -> None:
+    """The non-tensor state the backward reads (besides ctx.lookback and the saved tensors)."""
+    ctx.plan, ctx.cfg, ctx.scale = plan, cfg, scale
+    ctx.h0_given = initial_state is not None
+    ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+    ctx.slopes_dtype = slopes.dtype
+
+
 class LightningAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slopes, scale, initial_state, cu_seqlens, seg_chunks, cfg):
@@ -74,12 +82,7 @@ class LightningAttnFunction(torch.autograd.Function):
             else:
                 o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan, cfg)
         ctx.save_for_backward(q, k, v, s, hbuf, ht)
-        ctx.plan = plan
-        ctx.cfg = cfg
-        ctx.scale = scale
-        ctx.h0_given = initial_state is not None
-        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
-        ctx.slopes_dtype = slopes.dtype
+        _keep(ctx, plan, cfg, scale, initial_state, slopes)
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -141,33 +144,37 @@ def chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens
     return dq, dk, dv, ds, dh0
 
 
-def op_segments(B: int, T: int, H: int, D: int, E: int, N: int, device, cfg: LaunchConfig, is_varlen: bool):
-    """(seg_chunks, rows) of a call through the custom op, from shapes alone: the segment length (chosen as
-    for a dense call of this shape) and the rows of the segment-state buffer the forward hands to the
-    backward (B * segments per sequence; with cu_seqlens an upper bound, segments of the whole length + N)."""
+def op_segments(q, v, cu_seqlens, cfg: LaunchConfig):
+    """(seg_chunks, hbuf shape) of a call through the custom op, from shapes alone (fake tensors too): the
+    segment length, chosen as for a dense call of this shape, and the shape of the segment-state buffer the
+    forward hands to the backward: [rows, H, D, E] with rows = B * segments per sequence (with cu_seqlens an
+    upper bound: segments of the whole length + N), or (0,) with cfg.lookback True (the backward then
+    recomputes the states). q [B, T, H, D], v [B, T, H, E], cu_seqlens [N+1] or None."""
+    B, T, H, D = q.shape
+    E = v.shape[-1]
     seg = cfg.seg_chunks if cfg.seg_chunks is not None else _seg_chunks_auto(cfg, B * _cdiv(T, CHUNK), H, D, E,
-                                                                               device)
-    seg_t = seg * CHUNK
-    return seg, (_cdiv(T, seg_t) + N if is_varlen else B * _cdiv(T, seg_t))
+                                                                               q.device)
+    if cfg.lookback is True:
+        return seg, (0,)
+    n_seg = _cdiv(T, seg * CHUNK)
+    rows = n_seg + cu_seqlens.shape[0] - 1 if cu_seqlens is not None else B * n_seg
+    return seg, (rows, H, D, E)
 
 
 def chunk_lightning_attn_fwd_saved(q, k, v, slopes, scale, initial_state, cu_seqlens, slope_grad: bool,
                                    config: Optional[LaunchConfig] = None):
-    """Forward for the custom op: (o [B, T, H, E], ht [N, H, D, E] fp32, hbuf [rows, H, D, E] fp32), hbuf the
-    segment states the backward reads (rows from :func:`op_segments`; [0] with cfg.lookback True, whose
-    backward recomputes them). slope_grad: the slopes will need a gradient (state_bf16 "auto")."""
+    """Forward for the custom op: (o [B, T, H, E], ht [N, H, D, E] fp32, hbuf fp32 of the shape
+    :func:`op_segments` gives), hbuf the segment states the backward reads. slope_grad: the slopes will
+    need a gradient (state_bf16 "auto")."""
     cfg = resolve(config).for_grads(slope_grad)
-    B, T, H, D = q.shape
-    E = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    seg, rows = op_segments(B, T, H, D, E, N, q.device, cfg, cu_seqlens is not None)
+    seg, shape = op_segments(q, v, cu_seqlens, cfg)
     ctx = _Ctx((True, True, True, bool(slope_grad), False, initial_state is not None, False, False, False))
     o, ht = LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg, cfg)
-    if cfg.lookback is True:
+    if shape == (0,):
         return o, ht, ht.new_empty(0)
     hbuf = ctx.saved_tensors[4]
-    if hbuf.shape[0] != rows:  # varlen: pad to the shape-derived bound
-        full = hbuf.new_zeros((rows,) + tuple(hbuf.shape[1:]))
+    if hbuf.shape[0] != shape[0]:  # varlen: pad to the shape-derived bound
+        full = hbuf.new_zeros(shape)
         full[: hbuf.shape[0]] = hbuf
         hbuf = full
     return o, ht, hbuf
@@ -178,18 +185,14 @@ def chunk_lightning_attn_bwd_saved(q, k, v, do, dht, slopes, scale, initial_stat
     """Backward for the custom op from the forward's hbuf / ht (see :func:`chunk_lightning_attn_fwd_saved`):
     (dq, dk, dv, dslopes or None, dh0 or None); do [B, T, H, E], dht [N, H, D, E] or None."""
     cfg = resolve(config).for_grads(need_dslopes)
+    seg, _ = op_segments(q, v, cu_seqlens, cfg)
     B, T, H, D = q.shape
-    E = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    seg, _ = op_segments(B, T, H, D, E, N, q.device, cfg, cu_seqlens is not None)
-    plan = get_plan(B, T, H, D, E, cu_seqlens, q.device, cfg, seg)
+    plan = get_plan(B, T, H, D, v.shape[-1], cu_seqlens, q.device, cfg, seg)
     ctx = _Ctx((True, True, True, bool(need_dslopes), False, initial_state is not None, False, False, False))
     s = slopes.detach().float().contiguous()
     ctx.saved_tensors = (q.contiguous(), k.contiguous(), v.contiguous(), s, hbuf[: plan.NSEG], ht)
-    ctx.plan, ctx.cfg, ctx.scale, ctx.lookback = plan, cfg, float(scale), False
-    ctx.h0_given = initial_state is not None
-    ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
-    ctx.slopes_dtype = slopes.dtype
+    ctx.lookback = False
+    _keep(ctx, plan, cfg, float(scale), initial_state, slopes)
     dq, dk, dv, ds, _, dh0, _, _, _ = LightningAttnFunction.backward(ctx, do, dht)
     return dq, dk, dv, ds, dh0
 

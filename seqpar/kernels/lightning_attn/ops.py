@@ -29,21 +29,6 @@ def _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
     return chunk_lightning_attn(q, k, v, slopes, scale, initial_state, True, cu_seqlens)
 
 
-def _hbuf_shape(q, v, cu_seqlens):
-    """Shape of the segment states the Triton forward hands to the backward ([0] when it hands none)."""
-    from .chunk import op_segments
-    from .tuning import from_env
-
-    cfg = from_env()
-    if cfg.lookback is True:
-        return (0,)
-    B, T, H, D = q.shape
-    E = v.shape[-1]
-    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    _, rows = op_segments(B, T, H, D, E, N, q.device, cfg, cu_seqlens is not None)
-    return (rows, H, D, E)
-
-
 @torch.library.custom_op("seqpar::lightning_attn_fwd", mutates_args=())
 def lightning_attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float,
@@ -70,7 +55,13 @@ def lightning_attn_fwd_op(
 def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=False):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    hshape = _hbuf_shape(q, v, cu_seqlens) if backend == "triton" else (0,)
+    if backend == "triton":
+        from .chunk import op_segments
+        from .tuning import from_env
+
+        hshape = op_segments(q, v, cu_seqlens, from_env())[1]
+    else:
+        hshape = (0,)
     return (v.new_empty(v.shape, dtype=q.dtype), q.new_empty((N, H, D, v.shape[-1]), dtype=_state_dtype(q)),
             q.new_empty(hshape, dtype=torch.float32))
 
