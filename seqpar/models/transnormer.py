@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..kernels.lightning_attn import lightning_attn
+from ..kernels.lightning_attn.interface import lightning_attn_as_op
 from ..kernels.linear_ce import linear_cross_entropy
 from .config import TNLConfig
 
@@ -131,25 +132,6 @@ def selective_checkpoint_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 selective_checkpoint_context = functools.partial(create_selective_checkpoint_contexts, selective_checkpoint_policy)
 
 
-def _lightning_attn_op(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, backend):
-    """:func:`lightning_attn` run as the one dispatched custom op ``seqpar::lightning_attn_fwd`` in eager mode
-    too (under torch.compile it is that op already), so that selective checkpointing sees and keeps its
-    outputs o [B, T, H, E] and ht [N, H, D, E] (the Triton autograd.Function path is invisible to the
-    dispatcher: its kernels write into plain allocations). On Triton the op also returns its segment states,
-    so its backward runs only the backward kernels."""
-    if torch.compiler.is_compiling():
-        return lightning_attn(q, k, v, slopes, scale=scale, initial_state=initial_state,
-                              output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
-    from ..kernels.lightning_attn.interface import validate_inputs
-    from ..kernels.lightning_attn.ops import lightning_attn_fwd_op
-
-    _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    slope_grad = torch.is_grad_enabled() and slopes.requires_grad
-    o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad)
-    return o, (ht if output_final_state else None)
-
-
 def _sp_size(group) -> int:
     if group is None or not dist.is_available() or not dist.is_initialized():
         return 1
@@ -237,7 +219,9 @@ class GatedLinearAttention(nn.Module):
             )
             ht = None
         else:
-            attn = _lightning_attn_op if as_op else lightning_attn
+            # as_op: the dispatched custom op, whose outputs selective checkpointing can keep (the Triton
+            # autograd.Function's kernels write into allocations the dispatcher never sees)
+            attn = lightning_attn_as_op if as_op else lightning_attn
             o, ht = attn(
                 q, k, v, slopes, scale=self.scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.config.attn_backend,

@@ -169,6 +169,24 @@ def _static_backend(q, backend) -> str:
     return backend
 
 
+def lightning_attn_as_op(q, k, v, slopes, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                         backend=None):
+    """:func:`lightning_attn` (same arguments and returns) through the dispatched custom op
+    ``seqpar::lightning_attn_fwd``: what torch.compile traces, and what selective checkpointing sees and keeps
+    in eager mode. While torch.compile traces, only the checks that read no values run (the others would break
+    the graph; the op's implementation reads cu_seqlens); in eager mode the inputs are validated in full."""
+    if torch.compiler.is_compiling():
+        backend = _static_backend(q, backend)
+    else:
+        _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    from .ops import lightning_attn_fwd_op
+
+    slope_grad = torch.is_grad_enabled() and slopes.requires_grad
+    o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad)
+    return o, (ht if output_final_state else None)
+
+
 def lightning_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -195,15 +213,7 @@ def lightning_attn(
         torch backend only, which keeps fp64 computations an fp64 reference end to end).
     """
     if torch.compiler.is_compiling():
-        # traced by torch.compile: the checks that read values (cu_seqlens, slopes) would break the
-        # graph; the op runs as one custom op (ops.py), whose eager implementation reads cu_seqlens
-        backend = _static_backend(q, backend)
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        from .ops import lightning_attn_fwd_op
-
-        slope_grad = torch.is_grad_enabled() and slopes.requires_grad
-        o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad)
-        return o, (ht if output_final_state else None)
+        return lightning_attn_as_op(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, backend)
     _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":
