@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from seqpar import lightning_attn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from op_paths import timed  # noqa: E402  (median of CUDA-event timings after 3 warm-up calls)
+
+from seqpar import lightning_attn  # noqa: E402
 
 
 def make_fn(impl, q, k, v, s, do):
@@ -33,18 +35,6 @@ def make_fn(impl, q, k, v, s, do):
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
             return torch.autograd.grad(o, (q, k, v), dot)
     return fn
-
-
-def timed(fn, iters):
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def graphed(fn):

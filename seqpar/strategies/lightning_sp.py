@@ -35,7 +35,6 @@ Both Lightning class trees are served: ``pytorch_lightning`` (this project's dep
 from __future__ import annotations
 
 import contextlib
-
 import importlib
 from collections.abc import Mapping
 from typing import Any, Dict, Optional

@@ -231,20 +231,28 @@ def test_chunked_loss_without_logits_matches():
         torch.testing.assert_close(m1(x, labels=labels, return_logits=False).loss, losses[0], rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("ac", [False, True])
-def test_compile_blocks_matches_eager(ac):
-    """compile_blocks(): same loss and gradients as eager, parameter names unchanged (aot_eager backend:
-    dynamo traces the blocks and autograd is rebuilt, without inductor's code generation time)."""
+def _eager_and_compiled(cfg, compile_fn):
+    """Two models with the same weights; compile_fn(model) compiles the second in place and returns it, and
+    its parameter names stay those of the eager model."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    cfg = TNLConfig.preset("tiny", activation_checkpointing=ac)
     torch.manual_seed(0)
     eager = TransNormerLLM(cfg)
     compiled = TransNormerLLM(cfg)
     compiled.load_state_dict(eager.state_dict())
-    assert compiled.compile_blocks(backend="aot_eager") is compiled
+    assert compile_fn(compiled) is compiled
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    return eager, compiled
+
+
+@pytest.mark.parametrize("ac", [False, True])
+def test_compile_blocks_matches_eager(ac):
+    """compile_blocks(): same loss and gradients as eager, parameter names unchanged (aot_eager backend:
+    dynamo traces the blocks and autograd is rebuilt, without inductor's code generation time)."""
+    eager, compiled = _eager_and_compiled(TNLConfig.preset("tiny", activation_checkpointing=ac),
+                                          lambda m: m.compile_blocks(backend="aot_eager"))
+    cfg = eager.config
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (2, 96), generator=g)
     y = torch.randint(0, cfg.vocab_size, (2, 96), generator=g)
@@ -261,16 +269,9 @@ def test_compile_blocks_matches_eager(ac):
 def test_compile_model_fullgraph_matches_eager():
     """compile_model(): the whole model (embedding, blocks, fused head, loss) traces as one graph with packed
     documents and learnable slopes, and loss and gradients equal eager (aot_eager backend)."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    cfg = TNLConfig.preset("tiny", learnable_slopes=True)
-    torch.manual_seed(0)
-    eager = TransNormerLLM(cfg)
-    compiled = TransNormerLLM(cfg)
-    compiled.load_state_dict(eager.state_dict())
-    assert compiled.compile_model(backend="aot_eager", fullgraph=True) is compiled
-    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager, compiled = _eager_and_compiled(TNLConfig.preset("tiny", learnable_slopes=True),
+                                          lambda m: m.compile_model(backend="aot_eager", fullgraph=True))
+    cfg = eager.config
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, cfg.vocab_size, (1, 96), generator=g)
     y = torch.randint(0, cfg.vocab_size, (1, 96), generator=g)
