@@ -458,7 +458,7 @@ class TransNormerLLM(nn.Module):
             return policy
         ref = like if like is not None else self.embed.weight
         dtype = torch.get_autocast_dtype(ref.device.type) if torch.is_autocast_enabled(ref.device.type) else ref.dtype
-        compiled = any(getattr(layer, "_compiled_call_impl", None) is not None for layer in self.layers)
+        compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in (self, *self.layers))
         key = (int(batch_size), int(seq_len), str(ref.device), dtype, compiled)
         cache = self.__dict__.setdefault("_policy_cache", {})
         if key not in cache:
