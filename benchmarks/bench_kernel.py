@@ -233,6 +233,10 @@ TUNE_VARIANTS = {
     "state_split": {"state_bf16": "split"},
     "state_tf32": {"state_bf16": "tf32"},
     "state_bf16": {"state_bf16": "bf16"},
+    # the slope gradient (with --learnable-slopes): derivative-state kernel (default) or rowwise sums, whose
+    # accuracy needs the split state (the "auto" state of rowsum) or degrades with T (rounded state)
+    "ds_rowsum": {"dslopes": "rowsum"},
+    "ds_rowsum_bf16": {"dslopes": "rowsum", "state_bf16": "bf16"},
     "nofuse": {"fuse_dkdv": False},
     # backward segment states of (q, do) by their own kernel instead of in the dq walk
     "nogstate": {"dq_gstate": False},
@@ -306,17 +310,19 @@ def _lb_split(prof, n):
     return [sum(evs[i::4]) / n for i in range(4)]
 
 
-def tune(shapes, variants, device):
+def tune(shapes, variants, device, learnable_slopes=False):
     """Per-kernel times (torch.profiler) of seqpar fwd+bwd under launch-config variants (names of
-    TUNE_VARIANTS, each a LaunchConfig passed to chunk_lightning_attn)."""
+    TUNE_VARIANTS, each a LaunchConfig passed to chunk_lightning_attn); learnable_slopes: the slopes
+    need a gradient (the slope-gradient kernel runs)."""
     from seqpar.kernels.lightning_attn import plan as plan_mod
     from seqpar.kernels.lightning_attn.chunk import chunk_lightning_attn
 
     configs = variant_configs(variants)
     knames = ("_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel",
-              "_lb_walk_kernel")
-    lines = ["| shape | variant | seg_chunks (lb_chunks) | kernel ms: " + " / ".join(
-        ["seg_state", "scan", "fwd_out", "dqdk", "dv", "lb_walk (x4)"]) + " | fwd ms | fwd+bwd ms (do_bench) |",
+              "_dslopes_kernel", "_lb_walk_kernel")
+    lines = [f"slopes.requires_grad = {learnable_slopes}", "",
+             "| shape | variant | seg_chunks (lb_chunks) | kernel ms: " + " / ".join(
+        ["seg_state", "scan", "fwd_out", "dqdk", "dv", "dslopes", "lb_walk (x4)"]) + " | fwd ms | fwd+bwd ms (do_bench) |",
         "|---|---|---|---|---|---|"]
     from triton.testing import do_bench
     from torch.profiler import ProfilerActivity, profile
@@ -324,7 +330,7 @@ def tune(shapes, variants, device):
     results = []
     for B, H, T, D in shapes:
         q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        s = alibi_slopes(H).to(device)
+        s = alibi_slopes(H).to(device).requires_grad_(learnable_slopes)
         do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
         scale = D ** -0.5
         for name, cfg in configs.items():
@@ -346,7 +352,8 @@ def tune(shapes, variants, device):
                     for kname in knames:
                         if kname in ev.key:
                             times[kname] = times.get(kname, 0.0) + t / n / 1000.0
-                tot = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v], quantiles=[0.5])
+                tot = do_bench(step, warmup=10, rep=50, grad_to_none=[q, k, v, s] if learnable_slopes else [q, k, v],
+                               quantiles=[0.5])
                 tot = tot[0] if isinstance(tot, (list, tuple)) else tot
                 fwd = do_bench(fwd_fn, warmup=10, rep=50, quantiles=[0.5])
                 fwd = fwd[0] if isinstance(fwd, (list, tuple)) else fwd
@@ -384,6 +391,7 @@ def main():
     ap.add_argument("--tune", nargs="*", default=None,
                     help="launch-config variants to profile, names of TUNE_VARIANTS (none given: all of them); "
                          "each is LaunchConfig.replace(**TUNE_VARIANTS[name]) of the default config")
+    ap.add_argument("--learnable-slopes", action="store_true", help="--tune with slopes.requires_grad")
     args = ap.parse_args()
     device = "cuda"
     if args.tune is not None:
@@ -391,7 +399,7 @@ def main():
         if unknown:
             ap.error(f"unknown --tune variants {unknown}; known: {' '.join(TUNE_VARIANTS)}")
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else [(4, 16, 32768, 128)]
-        text = tune(shapes, args.tune or list(TUNE_VARIANTS), device)
+        text = tune(shapes, args.tune or list(TUNE_VARIANTS), device, args.learnable_slopes)
         print(text)
         if args.out:
             with open(args.out, "w") as fh:

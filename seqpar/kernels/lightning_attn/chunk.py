@@ -30,8 +30,16 @@ Work decomposition (parallel over T, no program walks a whole sequence):
                                ``config.dq_gstate``) 3. runs first and also sums N_s, which replaces 1.:
                                dq walk -> reverse scan -> dk/dv walk, three launches
   ``config.lookback = True`` runs the backward as look-back walks too (``lightning_attn_bwd_lb``).
-  With slopes.requires_grad, 3. also writes the rowwise q.dq and k.dk (fp32, from the accumulators);
-  dL/dG_t = q_t.dq_t - k_t.dk_t (+ <dht, ht> at each sequence end), dslope = -sum (t_local+1) dL/dG_t.
+  With slopes.requires_grad (``config.dslopes = "state"``, the default): ``_dslopes_kernel`` per
+  (segment, head, D/E block) walks the segment's chunks with the state S (from the forward's segment
+  states) and its derivative S' = sum_j (c-1-j) lambda^(c-1-j) k_j^T v_j in fp32:
+      dslope = -scale * sum_{j<=t} (t-j) lambda^(t-j) (q_t.k_j)(do_t.v_j) - <dht, S'_end>,
+  the pairs inside a chunk directly, those across chunks as <S, sum r lambda^r q^T do> +
+  <S', sum lambda^r q^T do> (r = position in the chunk + 1); the part of S' that enters a segment from the
+  earlier ones is met from the other side: each segment's S'_end against G_s (step 2's reverse scan).
+  One launch after step 4. ``dslopes = "rowsum"`` (and lookback True): 3.
+  also writes the rowwise q.dq and k.dk (fp32, from the accumulators); dL/dG_t = q_t.dq_t - k_t.dk_t
+  (+ <dht, ht> at each sequence end), dslope = -sum (t_local+1) dL/dG_t, whose terms cancel.
 
 All decay factors are exp(-s * e) with a non-negative, masked exponent e: nothing is divided by a
 decay power and nothing overflows for strong decay. T, the segment length and the offsets are runtime
@@ -90,7 +98,9 @@ class LightningAttnFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, s, hbuf, ht = ctx.saved_tensors
         plan, cfg = ctx.plan, ctx.cfg
-        compute_dg = ctx.needs_input_grad[3]
+        need_ds = ctx.needs_input_grad[3]
+        ds_state = need_ds and not ctx.lookback and cfg.dslopes == "state"
+        compute_dg = need_ds and not ds_state
         if do is None:
             do = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
         do = do.contiguous()
@@ -101,10 +111,12 @@ class LightningAttnFunction(torch.autograd.Function):
                                                             compute_dg)
             else:
                 dq, dk, dv, dh0, dG = lightning_attn_bwd(
-                    q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, cfg, compute_dg
+                    q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, cfg, compute_dg, ds_state
                 )
         dslopes = None
-        if compute_dg:
+        if ds_state:
+            dslopes = dG.to(ctx.slopes_dtype)
+        elif compute_dg:
             w = plan.t_local(q.device) + 1.0  # [B*T]
             ds = -(w[:, None] * dG).sum(0)
             if dht_f is not None:

@@ -16,6 +16,7 @@ from triton.runtime.errors import OutOfResources
 from .kernels import (
     _bwd_dqdk_kernel,
     _bwd_dv_kernel,
+    _dslopes_kernel,
     _fwd_out_kernel,
     _lb_walk_kernel,
     _scan_kernel,
@@ -220,10 +221,12 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig):
     return o, ht, hbuf
 
 
-def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cfg: LaunchConfig, compute_dg):
+def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cfg: LaunchConfig, compute_dg,
+                       ds_state: bool = False):
     """Backward from the forward's segment states hbuf [NSEG, H, D, E]. do [B, T, H, E], dht [N, H, D, E]
     fp32 or None. Returns dq, dk, dv, dh0 [N, H, D, E] fp32 (or None), dG [B*T, H] fp32 (or None): the
-    rowwise q.dq - k.dk of the slope gradient, with compute_dg.
+    rowwise q.dq - k.dk of the slope gradient, with compute_dg; ds_state: the slope gradient [H] fp32
+    from the derivative-state kernel (see kernels._dslopes_kernel) instead, in place of dG.
 
     Fused path (dk in the dv kernel): dq walk (+ backward segment states) -> reverse scan -> dk/dv walk.
     Unfused: segment states of (q, do) -> reverse scan -> dq/dk walks -> dv walk.
@@ -240,6 +243,8 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         gbuf = torch.empty(0, H, D, E, dtype=torch.float32, device=dev)
         dh0 = _scan(gbuf, dht, slopes, plan, cfg, reverse=True, store_fin=h0_given)
         dG = torch.zeros(ntok, H, dtype=torch.float32, device=dev) if compute_dg else None
+        if ds_state:  # no tokens: only the final states' term, which is 0 (S' of an empty sequence is 0)
+            dG = torch.zeros(H, dtype=torch.float32, device=dev)
         return dq, dk, dv, dh0, dG
     BE = _p2(E)
     BDq = _blk(cfg, "dqdk", D, E)
@@ -288,7 +293,27 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         DO_DK=fuse, COMPUTE_DG=compute_dg, fast_launch=cfg.fast_launch, **_launch(cfg, kind_v, D, E),
     )
     dG = dgq.sum(0) - dgk.sum(0) if compute_dg else None
+    if ds_state:
+        dG = _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg)
     return dq, dk, dv, dh0, dG
+
+
+def _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg: LaunchConfig):
+    """The slope gradient [H] fp32 from hbuf (the state entering each segment) and gbuf (the state gradient
+    entering it from the right), both [NSEG, H, D, E] fp32: one _dslopes_kernel launch and a sum."""
+    H, D, E = plan.H, plan.D, plan.E
+    dev = q.device
+    BD, BE = _blocks_state(cfg, D, E, "dsl")
+    nb = _cdiv(D, BD) * _cdiv(E, BE)
+    part = torch.empty(plan.NSEG * H * nb, dtype=torch.float32, device=dev)
+    _call(
+        _dslopes_kernel, (plan.NSEG * H * nb,),
+        q, k, v, do, hbuf, gbuf, part, slopes, *_seg_args(plan, dev),
+        float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
+        BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=_state_mode(cfg, q.dtype),
+        PREC=_prec(cfg, q.dtype), UP=_up(q), fast_launch=cfg.fast_launch, **_launch(cfg, "dsl", D, E),
+    )
+    return -part.view(plan.NSEG, H, nb).sum((0, 2))
 
 
 # ---- look-back walks (cfg.lookback): the forward ("fwd"), or every output (True)

@@ -9,7 +9,8 @@ a config is built, so a bad value fails at ``replace`` / ``from_env`` with the n
 
 Kernel kinds: "seg" (_seg_state_kernel), "scan" (_scan_kernel), "fwd" (_fwd_out_kernel and the
 forward look-back walk), "dqdk" (_bwd_dqdk_kernel, the dq / dk look-back walks), "dv" (_bwd_dv_kernel,
-the dv look-back walk), "dv_fused" (_bwd_dv_kernel computing dk too, when "dv"'s block does not cover E).
+the dv look-back walk), "dv_fused" (_bwd_dv_kernel computing dk too, when "dv"'s block does not cover E),
+"dsl" (_dslopes_kernel, both head dims split by BLK).
 Measured effects of these values: benchmarks/NOTES_kernel.md and benchmarks/results/kernel_tuning_*.md.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-KINDS = ("seg", "scan", "fwd", "dqdk", "dv", "dv_fused")
+KINDS = ("seg", "scan", "fwd", "dqdk", "dv", "dv_fused", "dsl")
 STATE_BF16_MODES = {"bf16": 0, "tf32": 1, "split": 2}  # value of the kernels' STATE constexpr
-STATE_BF16_CHOICES = ("auto",) + tuple(STATE_BF16_MODES)  # "auto": split when slope gradients are needed
+STATE_BF16_CHOICES = ("auto",) + tuple(STATE_BF16_MODES)  # "auto": see LaunchConfig
+DSLOPES_CHOICES = ("state", "rowsum")
 FP32_PRECISIONS = ("ieee", "tf32", "tf32x3")
 _WARPS = (1, 2, 4, 8, 16, 32)
 
@@ -125,6 +127,7 @@ class SmallHeads:
     dqdk: KernelOverride = KernelOverride()
     dv: KernelOverride = KernelOverride()
     dv_fused: KernelOverride = KernelOverride()
+    dsl: KernelOverride = KernelOverride()
 
     def __post_init__(self):
         _check_bool("LaunchConfig.small", "fuse_dkdv", self.fuse_dkdv, optional=True)
@@ -138,7 +141,7 @@ class SmallHeads:
 class LaunchConfig:
     """Every launch value of the Triton path (GPU), as one immutable, hashable value.
 
-    Per kernel kind (see the module docstring): seg, scan, fwd, dqdk, dv, dv_fused (:class:`KernelLaunch`).
+    Per kernel kind (see the module docstring): seg, scan, fwd, dqdk, dv, dv_fused, dsl (:class:`KernelLaunch`).
     Segment sizing (automatic when seg_chunks is None, on a GPU): segments get ``waves`` x SMs programs
     of the output kernel, of at most ``seg_max`` chunks; ``seg_long`` (or None): at most its ``seg_max``
     chunks for its ``waves`` once the first rule gives seg_max. seg_chunks: a fixed number of chunks
@@ -148,8 +151,13 @@ class LaunchConfig:
     chunks unless a segment length is given), False (segment states + scan + walk kernels).
     state_bf16: state products of bf16 inputs: "split" (hi + lo bf16 tiles: the fp32 state to ~1e-5),
     "tf32" (fp32 operands), "bf16" (state and decayed rows rounded to bf16: the least work) or "auto"
-    ("split" when the slopes need a gradient, whose position-weighted sum amplifies rounded states;
-    "bf16" otherwise). Resolved per call by :meth:`for_grads`.
+    ("bf16", except "split" when the slopes need a gradient that comes from the rowwise sums, i.e.
+    dslopes "rowsum" or lookback True). Resolved per call by :meth:`for_grads`.
+    dslopes: how the slope gradient is formed. "state" (kernels._dslopes_kernel: derivative states in
+    fp32, contracted elementwise; one extra launch after the backward, from the forward's segment states
+    and the backward's) or "rowsum" (-sum_t (t+1) (q_t.dq_t - k_t.dk_t) from the backward's accumulators: no extra
+    pass, but its large terms cancel, so bf16 inputs need the "split" state). lookback True always uses
+    "rowsum" (it keeps no segment states).
     fuse_dkdv: dk in the dv kernel's reverse walk when one E block ("dv", or "dv_fused" for
     D * E <= 128 * 128) covers E. dq_gstate: with fuse_dkdv, the dq walk also sums the backward segment
     states (q, do) that the reverse scan needs, in place of a _seg_state_kernel pass.
@@ -165,6 +173,7 @@ class LaunchConfig:
     dqdk: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     dv: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     dv_fused: KernelLaunch = KernelLaunch(BLK=128, num_warps=8, num_stages=2)
+    dsl: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     waves: int = 4
     seg_max: int = 32
     seg_long: Optional[SegLong] = SegLong(waves=2, seg_max=64)
@@ -172,6 +181,7 @@ class LaunchConfig:
     lookback: Union[bool, str] = "fwd"
     lb_chunks: int = 4
     state_bf16: str = "auto"
+    dslopes: str = "state"
     fuse_dkdv: bool = True
     dq_gstate: bool = True
     fast_launch: bool = True
@@ -202,6 +212,8 @@ class LaunchConfig:
         if not isinstance(self.state_bf16, str) or self.state_bf16 not in STATE_BF16_CHOICES:
             raise ValueError(f"LaunchConfig.state_bf16 must be one of {list(STATE_BF16_CHOICES)}, "
                              f"got {self.state_bf16!r}")
+        if self.dslopes not in DSLOPES_CHOICES:
+            raise ValueError(f"LaunchConfig.dslopes must be one of {list(DSLOPES_CHOICES)}, got {self.dslopes!r}")
         for name in ("fuse_dkdv", "dq_gstate", "fast_launch", "poison"):
             _check_bool("LaunchConfig", name, getattr(self, name))
         if not isinstance(self.small, SmallHeads):
@@ -231,14 +243,21 @@ class LaunchConfig:
         """The kernels' STATE constexpr for bf16 inputs (see kernels._sdot); an unresolved "auto" is "split"."""
         return STATE_BF16_MODES["split" if self.state_bf16 == "auto" else self.state_bf16]
 
+    @property
+    def dslopes_state(self) -> bool:
+        """The slope gradient comes from the derivative-state kernels (dslopes "state", lookback not True)."""
+        return self.dslopes == "state" and self.lookback is not True
+
     def for_grads(self, slope_grad: bool) -> "LaunchConfig":
-        """This config with state_bf16="auto" resolved: "split" if slope_grad (the slopes need a gradient),
-        else "bf16"; other configs are returned as they are. Cached per config."""
+        """This config with state_bf16="auto" resolved: "split" if slope_grad (the slopes need a gradient)
+        and that gradient comes from the rowwise sums (not :attr:`dslopes_state`), else "bf16"; other
+        configs are returned as they are. Cached per config."""
         if self.state_bf16 != "auto":
             return self
         cache = self.__dict__.get("_auto")
         if cache is None:
-            cache = {True: self.replace(state_bf16="split"), False: self.replace(state_bf16="bf16")}
+            bf16 = self.replace(state_bf16="bf16")
+            cache = {True: bf16 if self.dslopes_state else self.replace(state_bf16="split"), False: bf16}
             object.__setattr__(self, "_auto", cache)
         return cache[bool(slope_grad)]
 
