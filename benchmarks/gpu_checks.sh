@@ -14,6 +14,10 @@
 #   bash benchmarks/gpu_checks.sh next      what is not measured yet: op paths after the fix, kernel regression and
 #                                           T=2K with CUDA graphs vs SDPA, train.py vs bare loop, 128K rows,
 #                                           tnl-1b chunked at 2M, loss parity at a stable learning rate
+#   bash benchmarks/gpu_checks.sh s3a       GPU kernel tests, slope-gradient paths (learnable slopes) and fixed-slope
+#                                           kernel times, regression vs SDPA, T=2K/8K with CUDA graphs
+#   bash benchmarks/gpu_checks.sh s3b       tnl-1b chunked at 2M, train.py vs the bare-loop profile at 32K
+#   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,5 +110,31 @@ if [[ $what == next ]]; then
   timeout 300 python3 benchmarks/bench_train.py --longest --seq-chunk 16384 --ac 0 --models tnl-1b \
     --start-tokens 2097152 --max-tokens 2097152 --out "$OUT" 2>&1 | grep -E "^\|" | tail -4
   timeout 300 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1,2 --lr 2e-4 \
+    --out "$OUT" 2>&1 | tail -14
+fi
+if [[ $what == s3a ]]; then
+  timeout 220 python3 -m pytest -n 12 -q -p no:cacheprovider -m gpu tests/kernels 2>&1 \
+    | tee "$OUT/gpu_tests_kernels_s3.log" | tail -6
+  timeout 120 python3 benchmarks/bench_kernel.py --tune base ds_rowsum ds_rowsum_bf16 --learnable-slopes \
+    --shapes 4,16,32768,128 1,8,32768,128 2,32,32768,64 --out "$OUT/kernel_dslopes_h200.md" 2>&1 | grep -E "^\|" | tail -10
+  timeout 60 python3 benchmarks/bench_kernel.py --tune base --shapes 4,16,32768,128 2,32,32768,64 \
+    --out "$OUT/kernel_fixed_slopes_s3_h200.md" 2>&1 | grep -E "^\|" | tail -4
+  timeout 100 python3 benchmarks/bench_kernel.py --shapes 4,16,2048,128 4,16,32768,128 1,16,131072,128 \
+    --impls seqpar,sdpa --no-check --breakdown "" --out "$OUT/kernel_regression_s3_h200.md" 2>&1 | grep -E "^\|" | head -10
+  timeout 90 python3 benchmarks/op_graph.py --shapes 4,16,2048,128 4,16,8192,128 --out "$OUT" 2>&1 | grep -E "^\|" | tail -6
+fi
+if [[ $what == s3b ]]; then
+  timeout 290 python3 benchmarks/bench_train.py --longest --seq-chunk 16384 --ac 0 --models tnl-1b \
+    --start-tokens 2097152 --max-tokens 2097152 --out "$OUT" 2>&1 | grep -E "^\|" | tail -4
+  timeout 150 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
+    model.compile=true model.activation_checkpointing=none trainer.max_steps=40 trainer.log_every=10 \
+    trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r04n 2>&1 | grep -E "^step|done|Error" | tail -6
+  timeout 150 python3 benchmarks/profile_train.py --models tnl-0.4b --T 32768 --variants ac0-fused \
+    --compile model --steps 3 --warmup 2 --out "$OUT/p04s3" 2>&1 | grep -E "^tnl" | tail -3
+fi
+if [[ $what == s3c ]]; then
+  timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
+    --steps 2 --warmup 1 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+  timeout 280 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1,2 --lr 2e-4 \
     --out "$OUT" 2>&1 | tail -14
 fi
