@@ -237,6 +237,13 @@ TUNE_VARIANTS = {
     # accuracy needs the split state (the "auto" state of rowsum) or degrades with T (rounded state)
     "ds_rowsum": {"dslopes": "rowsum"},
     "ds_rowsum_bf16": {"dslopes": "rowsum", "state_bf16": "bf16"},
+    "dsl_w8": {"dsl": {"num_warps": 8}},
+    "dsl_w2": {"dsl": {"num_warps": 2}},
+    "dsl_st1": {"dsl": {"num_stages": 1}},
+    "dsl_st3": {"dsl": {"num_stages": 3}},
+    "dsl_blk32": {"dsl": {"BLK": 32}},
+    "dsl_blk32w2": {"dsl": {"BLK": 32, "num_warps": 2}},
+    "dsl_blk128w8": {"dsl": {"BLK": 128, "num_warps": 8}},
     "nofuse": {"fuse_dkdv": False},
     # backward segment states of (q, do) by their own kernel instead of in the dq walk
     "nogstate": {"dq_gstate": False},
