@@ -124,8 +124,6 @@ if [[ $what == s3a ]]; then
   timeout 90 python3 benchmarks/op_graph.py --shapes 4,16,2048,128 4,16,8192,128 --out "$OUT" 2>&1 | grep -E "^\|" | tail -6
 fi
 if [[ $what == s3b ]]; then
-  timeout 90 python3 benchmarks/bench_kernel.py --tune base dsl_w8 dsl_w2 dsl_st1 dsl_st3 dsl_blk32 dsl_blk32w2 dsl_blk128w8 \
-    --learnable-slopes --shapes 4,16,32768,128 --out "$OUT/kernel_dslopes_tune_h200.md" 2>&1 | grep -E "^\|" | tail -10
   timeout 290 python3 benchmarks/bench_train.py --longest --seq-chunk 16384 --ac 0 --models tnl-1b \
     --start-tokens 2097152 --max-tokens 2097152 --out "$OUT" 2>&1 | grep -E "^\|" | tail -4
   timeout 150 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
