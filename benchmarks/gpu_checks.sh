@@ -17,6 +17,8 @@
 #   bash benchmarks/gpu_checks.sh s3a       GPU kernel tests, slope-gradient paths (learnable slopes) and fixed-slope
 #                                           kernel times, regression vs SDPA, T=2K/8K with CUDA graphs
 #   bash benchmarks/gpu_checks.sh s3b       tnl-1b chunked at 2M, train.py vs the bare-loop profile at 32K
+#   bash benchmarks/gpu_checks.sh s3d       GPU kernel tests, slope-gradient paths after moving them into the dq walk,
+#                                           fixed-slope times, bench_train 2K/32K/128K vs compiled LLaMA
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -131,6 +133,16 @@ if [[ $what == s3b ]]; then
     trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r04n 2>&1 | grep -E "^step|done|Error" | tail -6
   timeout 150 python3 benchmarks/profile_train.py --models tnl-0.4b --T 32768 --variants ac0-fused \
     --compile model --steps 3 --warmup 2 --out "$OUT/p04s3" 2>&1 | grep -E "^tnl" | tail -3
+fi
+if [[ $what == s3d ]]; then
+  timeout 200 python3 -m pytest -n 12 -q -p no:cacheprovider -m gpu tests/kernels 2>&1 \
+    | tee "$OUT/gpu_tests_kernels_s3d.log" | tail -4
+  timeout 100 python3 benchmarks/bench_kernel.py --tune base ds_rowsum ds_rowsum_bf16 dqst3 --learnable-slopes \
+    --shapes 4,16,32768,128 1,8,32768,128 2,32,32768,64 --out "$OUT/kernel_dslopes_fused_h200.md" 2>&1 | grep -E "^\|" | tail -12
+  timeout 50 python3 benchmarks/bench_kernel.py --tune base --shapes 4,16,32768,128 2,32,32768,64 \
+    --out "$OUT/kernel_fixed_slopes_s3d_h200.md" 2>&1 | grep -E "^\|" | tail -4
+  timeout 220 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
+    --steps 2 --warmup 1 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
