@@ -237,6 +237,13 @@ TUNE_VARIANTS = {
     # accuracy needs the split state (the "auto" state of rowsum) or degrades with T (rounded state)
     "ds_rowsum": {"dslopes": "rowsum"},
     "ds_rowsum_bf16": {"dslopes": "rowsum", "state_bf16": "bf16"},
+    "dsl_w8": {"dsl": {"num_warps": 8}},
+    "dsl_w2": {"dsl": {"num_warps": 2}},
+    "dsl_st1": {"dsl": {"num_stages": 1}},
+    "dsl_st3": {"dsl": {"num_stages": 3}},
+    "dsl_blk32": {"dsl": {"BLK": 32}},
+    "dsl_blk32w2": {"dsl": {"BLK": 32, "num_warps": 2}},
+    "dsl_blk128w8": {"dsl": {"BLK": 128, "num_warps": 8}},
     "nofuse": {"fuse_dkdv": False},
     # backward segment states of (q, do) by their own kernel instead of in the dq walk
     "nogstate": {"dq_gstate": False},
@@ -319,10 +326,10 @@ def tune(shapes, variants, device, learnable_slopes=False):
 
     configs = variant_configs(variants)
     knames = ("_seg_state_kernel", "_scan_kernel", "_fwd_out_kernel", "_bwd_dqdk_kernel", "_bwd_dv_kernel",
-              "_lb_walk_kernel")
+              "_dslopes_kernel", "_lb_walk_kernel")
     lines = [f"slopes.requires_grad = {learnable_slopes}", "",
              "| shape | variant | seg_chunks (lb_chunks) | kernel ms: " + " / ".join(
-        ["seg_state", "scan", "fwd_out", "dqdk", "dv", "lb_walk (x4)"]) + " | fwd ms | fwd+bwd ms (do_bench) |",
+        ["seg_state", "scan", "fwd_out", "dqdk", "dv", "dslopes", "lb_walk (x4)"]) + " | fwd ms | fwd+bwd ms (do_bench) |",
         "|---|---|---|---|---|---|"]
     from triton.testing import do_bench
     from torch.profiler import ProfilerActivity, profile

@@ -30,13 +30,16 @@ Work decomposition (parallel over T, no program walks a whole sequence):
                                ``config.dq_gstate``) 3. runs first and also sums N_s, which replaces 1.:
                                dq walk -> reverse scan -> dk/dv walk, three launches
   ``config.lookback = True`` runs the backward as look-back walks too (``lightning_attn_bwd_lb``).
-  With slopes.requires_grad (``config.dslopes = "state"``, the default) the dq walk of 3. also carries the
-  state's derivative S' = sum_j (c-1-j) lambda^(c-1-j) k_j^T v_j (fp32, from 0 at each segment start):
+  With slopes.requires_grad (``config.dslopes = "state"``, the default): ``_dslopes_kernel`` per
+  (segment, head, D/E block) walks the segment's chunks with the state S (from the forward's segment
+  states) and its derivative S' = sum_j (c-1-j) lambda^(c-1-j) k_j^T v_j in fp32:
       dslope = -scale * sum_{j<=t} (t-j) lambda^(t-j) (q_t.k_j)(do_t.v_j) - <dht, S'_end>,
-  the pairs inside a chunk directly, those across chunks through S and S' with chunk-local weights, and
-  the rest per segment as <S'_end of the segment, G_s> (G_s from 2.). ``dslopes = "rowsum"`` (and
-  lookback True): 3. writes the rowwise q.dq and k.dk (fp32, from the accumulators); dL/dG_t =
-  q_t.dq_t - k_t.dk_t  (+ <dht, ht> at each sequence end), dslope = -sum (t_local+1) dL/dG_t, whose terms cancel.
+  the pairs inside a chunk directly, those across chunks as <S, sum r lambda^r q^T do> +
+  <S', sum lambda^r q^T do> (r = position in the chunk + 1); the part of S' that enters a segment from the
+  earlier ones is met from the other side: each segment's S'_end against G_s (step 2's reverse scan).
+  One launch after step 4. ``dslopes = "rowsum"`` (and lookback True): 3.
+  also writes the rowwise q.dq and k.dk (fp32, from the accumulators); dL/dG_t = q_t.dq_t - k_t.dk_t
+  (+ <dht, ht> at each sequence end), dslope = -sum (t_local+1) dL/dG_t, whose terms cancel.
 
 All decay factors are exp(-s * e) with a non-negative, masked exponent e: nothing is divided by a
 decay power and nothing overflows for strong decay. T, the segment length and the offsets are runtime

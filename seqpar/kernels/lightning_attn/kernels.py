@@ -54,32 +54,6 @@ def _sdot_l(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
-def _round(x, DT: tl.constexpr, UP: tl.constexpr):
-    """x (fp32) rounded to DT, to nearest even. UP (the CPU interpreter, whose fp32 -> bf16 cast truncates,
-    which biases a sum of rounded terms): the rounding is done on the bits first."""
-    if UP:
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        x = b.to(tl.float32, bitcast=True)
-    return x.to(DT)
-
-
-@triton.jit
-def _wdot(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, LEFT: tl.constexpr, DT: tl.constexpr):
-    """a @ b with one fp32 operand (LEFT: a, else b) and the other an input tile of dtype DT: as _sdot /
-    _sdot_l, with a rounded fp32 operand (STATE 0) rounded to nearest even on the interpreter too."""
-    if STATE == 0:
-        if LEFT:
-            return _dot(_round(a, DT, UP), b, PREC, UP)
-        else:
-            return _dot(a, _round(b, DT, UP), PREC, UP)
-    elif LEFT:
-        return _sdot_l(a, b, STATE, PREC, UP)
-    else:
-        return _sdot(a, b, STATE, PREC, UP)
-
-
-@triton.jit
 def _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN: tl.constexpr):
     """(sequence index, first token of the sequence, segment start, segment end) in flat tokens."""
     if IS_VARLEN:
@@ -250,12 +224,12 @@ def _fwd_out_kernel(
 
 @triton.jit(do_not_specialize=["T", "NS", "NTOK"])
 def _bwd_dqdk_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, hbuf_ptr, gbuf_ptr, dgq_ptr, dgk_ptr, part_ptr, pbuf_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, hbuf_ptr, gbuf_ptr, dgq_ptr, dgk_ptr,
     slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T, NTOK,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
-    DO_DK: tl.constexpr, STORE_G: tl.constexpr, DSL: tl.constexpr,
+    DO_DK: tl.constexpr, STORE_G: tl.constexpr,
 ):
     """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
 
@@ -264,18 +238,6 @@ def _bwd_dqdk_kernel(
     STORE_G (with DO_DK off): the forward walk also sums the segment's backward contribution
     N_s = scale * sum_i lambda^(i-start+1) q_i^T do_i (its D block) into gbuf, in place of a separate
     _seg_state_kernel pass over q and do.
-
-    DSL: the forward walk also forms the segment's part of the slope gradient from the state's
-    derivative S' = dS/d(-s) (lambda = exp(-s), o = scale q S):
-        dL/ds = -scale * sum_{j<=t} (t-j) lambda^(t-j) (q_t.k_j)(do_t.v_j) - <dht, S'_end>.
-    The weight (t-j) splits at each chunk start c as (t-c+1) + (c-1-j): pairs inside a chunk give
-    q_t . [((do v^T) * decay * (t-j)) k]_t; pairs across chunks give r_t lambda^r_t q_t . (do_t S_c^T)
-    + lambda^r_t q_t . (do_t S'_c^T) (r_t = t-c+1), with the walk's state S_c and its derivative
-    S'_c, carried in fp32 from S' = 0 at the segment start. Every weight is local to a chunk, so no
-    large position-weighted terms cancel (as they do in sum_t (t+1)(q_t.dq_t - k_t.dk_t)).
-    part[pid] = scale * (this block's sum); pbuf = S' at the segment end ([NSEG, H, D, E] fp32): the
-    rest of S' (what enters from earlier segments) meets its partner from the other side, the
-    caller adds sum_s <pbuf_s, G_s> with G_s the state gradient entering segment s from the right.
     """
     pid = tl.program_id(0)
     NDB = tl.cdiv(D, BD)
@@ -301,11 +263,6 @@ def _bwd_dqdk_kernel(
     ST = tl.load(hbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
     if STORE_G:
         G = tl.zeros([BD, BE], dtype=tl.float32)
-    if DSL:
-        SdT = tl.zeros([BE, BD], dtype=tl.float32)
-        dsl = tl.zeros([BT], dtype=tl.float32)
-        r_w = (o_t + 1).to(tl.float32) * q_w
-        dfl = tl.where(diff > 0, diff, 0).to(tl.float32)
     for cs in range(start, end, BT):
         L = tl.minimum(end - cs, BT)
         tok = cs + o_t
@@ -321,25 +278,12 @@ def _bwd_dqdk_kernel(
             G += _sdot_l(qT.to(tl.float32) * g_w[None, :], do, STATE, PREC, UP)
         A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
         dq = _dot(A2.to(k.dtype), k, PREC, UP)
-        ex = tl.where(m_t, L - 1 - o_t, 0).to(tl.float32)
-        k_w = tl.exp(-slope * ex)
+        k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         kd = k.to(tl.float32) * k_w[:, None]
-        m_td = m_t[:, None] & m_d[None, :]
-        lam = tl.exp(-slope * L.to(tl.float32))
-        if DSL:
-            # the rounded operands round to nearest even on the interpreter too (see _wdot)
-            qf = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-            inter = _wdot(do, ST, STATE, PREC, UP, False, do.dtype)
-            x = _dot(_round(A2 * dfl, k.dtype, UP), k, PREC, UP)
-            x += inter * r_w[:, None] + _wdot(do, SdT, STATE, PREC, UP, False, do.dtype) * q_w[:, None]
-            dsl += tl.sum(qf * x, axis=1)
-            dq += inter * q_w[:, None]
-            SdT = lam * (SdT + L.to(tl.float32) * ST) + _wdot(vT, kd * ex[:, None], STATE, PREC, UP, False, k.dtype)
-            ST = ST * lam + _wdot(vT, kd, STATE, PREC, UP, False, k.dtype)
-        else:
-            dq += _sdot(do, ST, STATE, PREC, UP) * q_w[:, None]
-            ST = ST * lam + _sdot(vT, kd, STATE, PREC, UP)
+        dq += _sdot(do, ST, STATE, PREC, UP) * q_w[:, None]
+        ST = ST * tl.exp(-slope * L.to(tl.float32)) + _sdot(vT, kd, STATE, PREC, UP)
         dq = dq * scale
+        m_td = m_t[:, None] & m_d[None, :]
         tl.store(dq_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_td)
         if COMPUTE_DG:
             q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
@@ -347,9 +291,6 @@ def _bwd_dqdk_kernel(
             tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
     if STORE_G:
         tl.store(gbuf_ptr + sbase + o_d[:, None] * E + o_e[None, :], G * scale, mask=m_d[:, None] & m_e[None, :])
-    if DSL:
-        tl.store(part_ptr + pid, scale * tl.sum(dsl, axis=0))
-        tl.store(pbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], SdT, mask=m_e[:, None] & m_d[None, :])
 
     if DO_DK:
         # ---- dk: reverse walk, RT = R^T block [BE, BD]
@@ -603,3 +544,107 @@ def _lb_walk_kernel(
             tl.store(fin_ptr + nh + ioff, S, mask=m_kc)
 
 
+
+@triton.jit
+def _round(x, DT: tl.constexpr, UP: tl.constexpr):
+    """x (fp32) rounded to DT, to nearest even. UP (the CPU interpreter, whose fp32 -> bf16 cast truncates,
+    which biases a sum of rounded terms): the rounding is done on the bits first."""
+    if UP:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
+def _wdot(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, LEFT: tl.constexpr, DT: tl.constexpr):
+    """a @ b with one fp32 operand (LEFT: a, else b) and the other an input tile of dtype DT: as _sdot /
+    _sdot_l, with a rounded fp32 operand (STATE 0) rounded to nearest even on the interpreter too."""
+    if STATE == 0:
+        if LEFT:
+            return _dot(_round(a, DT, UP), b, PREC, UP)
+        else:
+            return _dot(a, _round(b, DT, UP), PREC, UP)
+    elif LEFT:
+        return _sdot_l(a, b, STATE, PREC, UP)
+    else:
+        return _sdot(a, b, STATE, PREC, UP)
+
+
+@triton.jit(do_not_specialize=["T", "NS"])
+def _dslopes_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, hbuf_ptr, gbuf_ptr, part_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
+    scale, T, H, D, E, NS, SEG_T,
+    BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
+):
+    """One segment's part of the slope gradient, for one (D block, E block) of one head: part[pid].
+
+    With lambda = exp(-s), o = scale q S and the state's derivative S' = dS/d(-s),
+        dL/ds = -scale * sum_{j<=t} (t-j) lambda^(t-j) (q_t.k_j)(do_t.v_j) - <dht, S'_end>.
+    The weight (t-j) splits at each chunk start c as (t-c+1) + (c-1-j): pairs inside a chunk are summed
+    directly; pairs across chunks as <S_c, sum_t r_t lambda^r_t q_t^T do_t> + <S'_c, sum_t lambda^r_t
+    q_t^T do_t> (r_t = t-c+1), S_c the state entering the chunk and S'_c its derivative, both fp32 and
+    only contracted elementwise: nothing rounded is position-weighted, so nothing large cancels.
+    The walk starts from S = hbuf (the state entering the segment, the forward's) and S' = 0; the rest of
+    S' (what enters from earlier segments) is accounted for by its partner: the segment's own S'_end
+    meets everything to its right, scale * sum_{i >= end} lambda^(i-end+1) q_i^T do_i + lambda^(..) dht,
+    which is gbuf (the backward's reverse scan: the state gradient entering the segment from the right).
+    (q.k)(do.v) summed over the D and E blocks of the programs is the full product.
+    part: [NSEG * H * NDB * NEB] fp32, the caller sums and negates.
+    """
+    pid = tl.program_id(0)
+    NEB = tl.cdiv(E, BE)
+    NDB = tl.cdiv(D, BD)
+    i_e = pid % NEB
+    i_d = (pid // NEB) % NDB
+    rest = pid // (NEB * NDB)
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_e = i_e * BE + tl.arange(0, BE)
+    m_d = o_d < D
+    m_e = o_e < E
+    m_de = m_d[:, None] & m_e[None, :]
+    sptr = (pid_s.to(tl.int64) * H + h) * D * E + o_d[:, None] * E + o_e[None, :]
+    S = tl.load(hbuf_ptr + sptr, mask=m_de, other=0.0)
+    Sd = tl.zeros([BD, BE], dtype=tl.float32)
+    diff = o_t[:, None] - o_t[None, :]
+    below = diff > 0  # j < t (the diagonal has weight 0)
+    dfl = tl.where(below, diff, 0).to(tl.float32)
+    w_in = tl.where(below, dfl * tl.exp(-slope * dfl), 0.0)
+    r = (o_t + 1).to(tl.float32)
+    w_q = tl.exp(-slope * r)
+    acc = tl.zeros([BT], dtype=tl.float32)
+    tot = tl.sum(acc, axis=0)
+    for cs in range(start, end, BT):
+        L = tl.minimum(end - cs, BT)
+        tok = cs + o_t
+        m_t = o_t < L
+        tok64 = tok.to(tl.int64)
+        q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        kT = tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+        do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        # inside the chunk: sum_{j<t} (t-j) lambda^(t-j) (q_t.k_j)(do_t.v_j), on this D and E block
+        qk = _dot(q, kT, PREC, UP)
+        dv = _dot(do, tl.trans(v), PREC, UP)
+        acc += tl.sum(qk * dv * w_in, axis=1)
+        # across chunks: <S, Q^T diag(r lambda^r) dO> + <S', Q^T diag(lambda^r) dO>
+        qT = tl.trans(q).to(tl.float32)
+        Nc = _wdot(qT * w_q[None, :], do, STATE, PREC, UP, True, do.dtype)
+        G1 = _wdot(qT * (r * w_q)[None, :], do, STATE, PREC, UP, True, do.dtype)
+        tot += tl.sum(tl.sum(S * G1 + Sd * Nc, axis=1), axis=0)
+        # S' <- lambda^L (S' + L S) + sum_j (L-1-j) lambda^(L-1-j) k_j^T v_j,  S <- lambda^L S + ...
+        ex = tl.where(m_t, L - 1 - o_t, 0).to(tl.float32)
+        k_w = tl.exp(-slope * ex)
+        vf = v.to(tl.float32)
+        lam = tl.exp(-slope * L.to(tl.float32))
+        Sd = lam * (Sd + L.to(tl.float32) * S) + _wdot(kT, vf * (ex * k_w)[:, None], STATE, PREC, UP, False, v.dtype)
+        S = lam * S + _wdot(kT, vf * k_w[:, None], STATE, PREC, UP, False, v.dtype)
+    G = tl.load(gbuf_ptr + sptr, mask=m_de, other=0.0)
+    tl.store(part_ptr + pid, scale * (tl.sum(acc, axis=0) + tot) + tl.sum(tl.sum(Sd * G, axis=1), axis=0))

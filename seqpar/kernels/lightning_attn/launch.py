@@ -16,6 +16,7 @@ from triton.runtime.errors import OutOfResources
 from .kernels import (
     _bwd_dqdk_kernel,
     _bwd_dv_kernel,
+    _dslopes_kernel,
     _fwd_out_kernel,
     _lb_walk_kernel,
     _scan_kernel,
@@ -225,7 +226,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
     """Backward from the forward's segment states hbuf [NSEG, H, D, E]. do [B, T, H, E], dht [N, H, D, E]
     fp32 or None. Returns dq, dk, dv, dh0 [N, H, D, E] fp32 (or None), dG [B*T, H] fp32 (or None): the
     rowwise q.dq - k.dk of the slope gradient, with compute_dg; ds_state: the slope gradient [H] fp32
-    in place of dG, from the derivative states of the dq walk (see kernels._bwd_dqdk_kernel, DSL).
+    from the derivative-state kernel (see kernels._dslopes_kernel) instead, in place of dG.
 
     Fused path (dk in the dv kernel): dq walk (+ backward segment states) -> reverse scan -> dk/dv walk.
     Unfused: segment states of (q, do) -> reverse scan -> dq/dk walks -> dv walk.
@@ -265,19 +266,14 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         dgk = torch.empty(1 if fuse else NDB, ntok, H, dtype=torch.float32, device=dev)
     else:
         dgq = dgk = _dummy(dev)
-    if ds_state:
-        part = torch.empty(plan.NSEG * H * NDB, dtype=torch.float32, device=dev)
-        pbuf = torch.empty(plan.NSEG, H, D, E, dtype=torch.float32, device=dev)
-    else:
-        part = pbuf = _dummy(dev)
 
     def dq_walk(gbuf):
         _call(
             _bwd_dqdk_kernel, (plan.NSEG * H * NDB,),
-            q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, part, pbuf, slopes, *_seg_args(plan, dev),
+            q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, DSL=ds_state, fast_launch=cfg.fast_launch,
+            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, fast_launch=cfg.fast_launch,
             **_launch(cfg, "dqdk", D, E),
         )
 
@@ -297,10 +293,27 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         DO_DK=fuse, COMPUTE_DG=compute_dg, fast_launch=cfg.fast_launch, **_launch(cfg, kind_v, D, E),
     )
     dG = dgq.sum(0) - dgk.sum(0) if compute_dg else None
-    if ds_state:  # the walks' sums and, per segment, <S'_end, G_s> (G_s: gbuf after the reverse scan)
-        dG = -(part.view(plan.NSEG, H, NDB).sum((0, 2)) + (pbuf * gbuf).sum((0, 2, 3)))
+    if ds_state:
+        dG = _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg)
     return dq, dk, dv, dh0, dG
 
+
+def _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg: LaunchConfig):
+    """The slope gradient [H] fp32 from hbuf (the state entering each segment) and gbuf (the state gradient
+    entering it from the right), both [NSEG, H, D, E] fp32: one _dslopes_kernel launch and a sum."""
+    H, D, E = plan.H, plan.D, plan.E
+    dev = q.device
+    BD, BE = _blocks_state(cfg, D, E, "dsl")
+    nb = _cdiv(D, BD) * _cdiv(E, BE)
+    part = torch.empty(plan.NSEG * H * nb, dtype=torch.float32, device=dev)
+    _call(
+        _dslopes_kernel, (plan.NSEG * H * nb,),
+        q, k, v, do, hbuf, gbuf, part, slopes, *_seg_args(plan, dev),
+        float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
+        BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=_state_mode(cfg, q.dtype),
+        PREC=_prec(cfg, q.dtype), UP=_up(q), fast_launch=cfg.fast_launch, **_launch(cfg, "dsl", D, E),
+    )
+    return -part.view(plan.NSEG, H, nb).sum((0, 2))
 
 
 # ---- look-back walks (cfg.lookback): the forward ("fwd"), or every output (True)

@@ -9,7 +9,8 @@ a config is built, so a bad value fails at ``replace`` / ``from_env`` with the n
 
 Kernel kinds: "seg" (_seg_state_kernel), "scan" (_scan_kernel), "fwd" (_fwd_out_kernel and the
 forward look-back walk), "dqdk" (_bwd_dqdk_kernel, the dq / dk look-back walks), "dv" (_bwd_dv_kernel,
-the dv look-back walk), "dv_fused" (_bwd_dv_kernel computing dk too, when "dv"'s block does not cover E).
+the dv look-back walk), "dv_fused" (_bwd_dv_kernel computing dk too, when "dv"'s block does not cover E),
+"dsl" (_dslopes_kernel, both head dims split by BLK).
 Measured effects of these values: benchmarks/NOTES_kernel.md and benchmarks/results/kernel_tuning_*.md.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-KINDS = ("seg", "scan", "fwd", "dqdk", "dv", "dv_fused")
+KINDS = ("seg", "scan", "fwd", "dqdk", "dv", "dv_fused", "dsl")
 STATE_BF16_MODES = {"bf16": 0, "tf32": 1, "split": 2}  # value of the kernels' STATE constexpr
 STATE_BF16_CHOICES = ("auto",) + tuple(STATE_BF16_MODES)  # "auto": see LaunchConfig
 DSLOPES_CHOICES = ("state", "rowsum")
@@ -126,6 +127,7 @@ class SmallHeads:
     dqdk: KernelOverride = KernelOverride()
     dv: KernelOverride = KernelOverride()
     dv_fused: KernelOverride = KernelOverride()
+    dsl: KernelOverride = KernelOverride()
 
     def __post_init__(self):
         _check_bool("LaunchConfig.small", "fuse_dkdv", self.fuse_dkdv, optional=True)
@@ -139,7 +141,7 @@ class SmallHeads:
 class LaunchConfig:
     """Every launch value of the Triton path (GPU), as one immutable, hashable value.
 
-    Per kernel kind (see the module docstring): seg, scan, fwd, dqdk, dv, dv_fused (:class:`KernelLaunch`).
+    Per kernel kind (see the module docstring): seg, scan, fwd, dqdk, dv, dv_fused, dsl (:class:`KernelLaunch`).
     Segment sizing (automatic when seg_chunks is None, on a GPU): segments get ``waves`` x SMs programs
     of the output kernel, of at most ``seg_max`` chunks; ``seg_long`` (or None): at most its ``seg_max``
     chunks for its ``waves`` once the first rule gives seg_max. seg_chunks: a fixed number of chunks
@@ -151,8 +153,9 @@ class LaunchConfig:
     "tf32" (fp32 operands), "bf16" (state and decayed rows rounded to bf16: the least work) or "auto"
     ("bf16", except "split" when the slopes need a gradient that comes from the rowwise sums, i.e.
     dslopes "rowsum" or lookback True). Resolved per call by :meth:`for_grads`.
-    dslopes: how the slope gradient is formed. "state" (the dq walk also carries the state's derivative
-    in fp32, with chunk-local weights; see kernels._bwd_dqdk_kernel, DSL) or "rowsum" (-sum_t (t+1) (q_t.dq_t - k_t.dk_t) from the backward's accumulators: no extra
+    dslopes: how the slope gradient is formed. "state" (kernels._dslopes_kernel: derivative states in
+    fp32, contracted elementwise; one extra launch after the backward, from the forward's segment states
+    and the backward's) or "rowsum" (-sum_t (t+1) (q_t.dq_t - k_t.dk_t) from the backward's accumulators: no extra
     pass, but its large terms cancel, so bf16 inputs need the "split" state). lookback True always uses
     "rowsum" (it keeps no segment states).
     fuse_dkdv: dk in the dv kernel's reverse walk when one E block ("dv", or "dv_fused" for
@@ -170,6 +173,7 @@ class LaunchConfig:
     dqdk: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     dv: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     dv_fused: KernelLaunch = KernelLaunch(BLK=128, num_warps=8, num_stages=2)
+    dsl: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=3)
     waves: int = 4
     seg_max: int = 32
     seg_long: Optional[SegLong] = SegLong(waves=2, seg_max=64)
