@@ -5,7 +5,8 @@ traced, the state exchange is the custom op ``seqpar::sp_state_exchange`` (seqpa
 Checked on every rank: ``torch._dynamo.explain`` finds no graph break, and the compiled loss and every
 parameter gradient (learnable slopes included) equal eager, in both modes, with and without packed documents;
 a second batch with other document offsets reuses the graph; the header check and the cu_seqlens validation
-still raise a ValueError on every rank inside the compiled graph. One spawn of 2 ranks for the whole module.
+still raise a ValueError on every rank inside the compiled graph. One spawn of 3 ranks for the whole module: the
+model runs on the pair {0, 1}, the op alone on all 3 (the middle rank of the ring, the gradient of a_r).
 """
 from __future__ import annotations
 
@@ -79,12 +80,40 @@ def _model_case(rank, mode, packed, group, dev):
             assert _rel(g1[n], g0[n]) < grad_tol, f"{tag} batch {i} grad {n}: {_rel(g1[n], g0[n]):.2e}"
 
 
-def _errors_inside_the_graph(rank, dev):
+def _op_case(rank, world, dev):
+    """The op alone over 3 ranks (the middle rank relays in ring mode; da_r = <G_{r+1}, H_r> is nonzero only
+    for 0 < r < P-1): output and every input gradient, learnable slopes, compiled equals eager."""
+    compile_backend, attn_backend, _, grad_tol = SETTINGS[dev]
+    L = 8
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, world * L, 2, 4, generator=g)[:, rank * L:(rank + 1) * L].to(dev) for _ in range(3))
+    w = torch.randn(1, world * L, 2, 4, generator=g)[:, rank * L:(rank + 1) * L].to(dev)
+    log_s = torch.tensor([-2.0, -0.7], device=dev)
+    # doc [5, 19) spans the middle shard [8, 16): its incoming state flows on to rank 2
+    for mode in ("allgather", "ring"):
+        for cu in (None, torch.tensor([0, 5, 19, world * L], dtype=torch.int32, device=dev)):
+            def f(q, k, v, log_s):
+                o = sp_lightning_attn(q, k.sigmoid(), v, log_s.exp(), mode=mode, cu_seqlens=cu, backend=attn_backend)
+                return (o * w).sum()
+
+            def run(fn):
+                xs = [t.clone().requires_grad_(True) for t in (q, k, v, log_s)]
+                loss = fn(*xs)
+                return [loss.detach()] + list(torch.autograd.grad(loss, xs))
+
+            torch._dynamo.reset()
+            got, ref = run(torch.compile(f, backend=compile_backend, fullgraph=True)), run(f)
+            for name, a, b in zip(("o", "dq", "dk", "dv", "dlog_slopes"), got, ref):
+                assert _rel(a, b) < grad_tol, f"[rank {rank} {mode} cu={cu is not None}] {name}: {_rel(a, b):.2e}"
+
+
+def _errors_inside_the_graph(rank, world, dev):
     """The consistency header and the cu_seqlens validation run inside the exchange op: a ValueError on every
     rank from the compiled graph, and the group still works after it."""
     compile_backend, attn_backend = SETTINGS[dev][:2]
+    L = 8
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 8, 2, 4, generator=g).to(dev) for _ in range(3))
+    q, k, v = (torch.randn(1, L, 2, 4, generator=g).to(dev) for _ in range(3))
     s = torch.tensor([0.1, 0.5], device=dev)
 
     def f(q, k, v, s, cu):
@@ -92,31 +121,34 @@ def _errors_inside_the_graph(rank, dev):
 
     torch._dynamo.reset()
     comp = torch.compile(f, backend=compile_backend, fullgraph=True)
-    cu = torch.tensor([0, 3, 16], dtype=torch.int32, device=dev)
+    cu = torch.tensor([0, 3, world * L], dtype=torch.int32, device=dev)
     with pytest.raises(ValueError, match="disagree on slopes"):
         comp(q, k, v, s + (1e-3 if rank == 1 else 0.0), cu)
-    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 15 .* != group size 2 x local length 8"):
-        comp(q, k, v, s, torch.tensor([0, 3, 15], dtype=torch.int32, device=dev))
+    bad = torch.tensor([0, 3, world * L - 1], dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match=rf"cu_seqlens\[-1\] = {world * L - 1} .* != group size {world} x local"):
+        comp(q, k, v, s, bad)
     torch.testing.assert_close(comp(q, k, v, s, cu), f(q, k, v, s, cu), rtol=1e-5, atol=1e-6)
 
 
 def _worker(rank, world, dev="cpu"):
     if dev == "cuda":
         torch.cuda.set_device(0)  # the ranks share one GPU over gloo
-    sub = dist.new_group([0, 1])  # a group other than the default one: resolved by name inside the op
-    for mode, group in (("allgather", dist.group.WORLD), ("ring", sub)):
-        for packed in (False, True):
-            _model_case(rank, mode, packed, group, dev)
-    _errors_inside_the_graph(rank, dev)
+    pair = dist.new_group([0, 1])  # the model runs on a subgroup: resolved by its name inside the op
+    if rank < 2:
+        for mode in ("allgather", "ring"):
+            for packed in (False, True):
+                _model_case(rank, mode, packed, pair, dev)
+    _op_case(rank, world, dev)  # the default group of 3
+    _errors_inside_the_graph(rank, world, dev)
     dist.barrier()
 
 
 def test_sp_model_compiles_fullgraph_and_equals_eager():
-    run_workers(_worker, 2)
+    run_workers(_worker, 3)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sp_model_compiles_fullgraph_and_equals_eager_gpu():
-    """The same on the GPU: Triton kernels inside the custom ops, inductor; 2 processes share one GPU (gloo)."""
-    run_workers(_worker, 2, "cuda")
+    """The same on the GPU: Triton kernels inside the custom ops, inductor; 3 processes share one GPU (gloo)."""
+    run_workers(_worker, 3, "cuda")
