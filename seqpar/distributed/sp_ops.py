@@ -103,7 +103,7 @@ def sp_state_exchange(
         n = M.numel()
         M_all = allbuf[:, :n].view(P, *M.shape)
         a_all = allbuf[:, n:]
-        Hs = torch.zeros_like(M)
+        Hs = M.new_zeros(M.shape)
         for j in range(r):
             Hs = _bcast(a_all[j]) * Hs + M_all[j]
         return Hs
@@ -112,7 +112,7 @@ def sp_state_exchange(
         comm.irecv(buf, g, r - 1).wait()
         Hs = buf.to(M.device)
     else:
-        Hs = torch.zeros_like(M)
+        Hs = M.new_zeros(M.shape)
     if r < P - 1:
         comm.isend((_bcast(a) * Hs + M).to(cdev), g, r + 1).wait()
     return Hs
@@ -120,7 +120,7 @@ def sp_state_exchange(
 
 @sp_state_exchange.register_fake
 def _(M, a, slopes, cu_seqlens, scale, dtype, L, shard_offset, group_name, mode, rank, size):
-    return torch.empty_like(M)
+    return M.new_empty(M.shape)  # contiguous, as the implementation's output
 
 
 @torch.library.custom_op("seqpar::sp_state_exchange_bwd", mutates_args=())
@@ -152,13 +152,13 @@ def sp_state_exchange_bwd(
             G = torch.zeros_like(dH)
         if r > 0:
             comm.isend((dH + _bcast(a.to(dH.dtype)) * G).to(cdev), g, r - 1).wait()
-    da = (G * H).sum((0, 2, 3)).to(a.dtype)
+    da = (G * H).sum((0, 2, 3)).to(a.dtype).contiguous()
     return [G, da]
 
 
 @sp_state_exchange_bwd.register_fake
 def _(dH, a, H, group_name, mode, rank, size):
-    return [torch.empty_like(dH), torch.empty_like(a)]
+    return [dH.new_empty(dH.shape), a.new_empty(a.shape)]  # contiguous, as the implementation's outputs
 
 
 def _setup_context(ctx, inputs, output):

@@ -3,7 +3,8 @@
 Each rank holds its shard of the sequence and the model's attention runs ``sp_lightning_attn`` over the group;
 traced, the state exchange is the custom op ``seqpar::sp_state_exchange`` (seqpar/distributed/sp_ops.py).
 Checked on every rank: ``torch._dynamo.explain`` finds no graph break, and the compiled loss and every
-parameter gradient (learnable slopes included) equal eager, in both modes, with and without packed documents;
+parameter gradient (learnable slopes included) equal eager, in both modes, with and without packed documents
+(and selective activation checkpointing);
 a second batch with other document offsets reuses the graph; the header check and the cu_seqlens validation
 still raise a ValueError on every rank inside the compiled graph. One spawn of 3 ranks for the whole module: the
 model runs on the pair {0, 1}, the op alone on all 3 (the middle rank of the ring, the gradient of a_r).
@@ -22,6 +23,9 @@ from sp_dist_utils import run_workers
 T = 32  # global tokens: 16 per rank
 # documents [0,5) [5,21) [21,32): one straddles the shard boundary 16; the second batch starts one exactly at it
 CUS = ([0, 5, 21, T], [0, 16, 27, T])
+# (mode, packed documents, activation checkpointing): selective recomputes the exchange op in the backward
+MODEL_CASES = [("allgather", False, False), ("allgather", True, False), ("ring", False, False),
+               ("ring", True, "selective")]
 SETTINGS = {  # device: (compile backend, attention backend, loss rtol, grad rtol)
     "cpu": ("aot_eager", "torch", 1e-5, 1e-4),
     "cuda": ("inductor", None, 1e-4, 1e-3),  # inductor's fusions round differently; tf32 dots in the kernels
@@ -48,11 +52,12 @@ def _grads(model, fn, x, y, cu):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _model_case(rank, mode, packed, group, dev):
+def _model_case(rank, mode, packed, ckpt, group, dev):
     compile_backend, attn_backend, loss_tol, grad_tol = SETTINGS[dev]
-    tag = f"[rank {rank} mode={mode} packed={packed}]"
+    tag = f"[rank {rank} mode={mode} packed={packed} ckpt={ckpt}]"
     torch.manual_seed(0)
-    cfg = TNLConfig.preset("tiny", learnable_slopes=True, attn_backend=attn_backend, sp_mode=mode)
+    cfg = TNLConfig.preset("tiny", learnable_slopes=True, attn_backend=attn_backend, sp_mode=mode,
+                           activation_checkpointing=ckpt)
     model = TransNormerLLM(cfg).to(dev)
     ref = TransNormerLLM(cfg).to(dev)
     ref.load_state_dict(model.state_dict())
@@ -135,9 +140,8 @@ def _worker(rank, world, dev="cpu"):
         torch.cuda.set_device(0)  # the ranks share one GPU over gloo
     pair = dist.new_group([0, 1])  # the model runs on a subgroup: resolved by its name inside the op
     if rank < 2:
-        for mode in ("allgather", "ring"):
-            for packed in (False, True):
-                _model_case(rank, mode, packed, pair, dev)
+        for case in MODEL_CASES:
+            _model_case(rank, *case, pair, dev)
     _op_case(rank, world, dev)  # the default group of 3
     _errors_inside_the_graph(rank, world, dev)
     dist.barrier()
