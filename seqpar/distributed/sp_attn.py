@@ -27,6 +27,12 @@ With ``cu_seqlens`` each rank must know its global offset: by default shards are
 (offset = rank * T_local, checked against ``cu_seqlens[-1] == P * T_local`` with a ValueError that
 says how to pad); pass ``shard_offset`` for unequal shards.
 
+Under torch.compile (``torch.compiler.is_compiling()``) the op takes the traced path :func:`_sp_traced`: the
+exchange is the custom op ``seqpar::sp_state_exchange`` (:mod:`seqpar.distributed.sp_ops`, synchronous, with a
+registered backward), the document structure is computed on the device (no host read of ``cu_seqlens`` in the
+graph), and the header check and the cu_seqlens validation run inside the op at run time. Eager calls keep the
+overlapped path above unchanged.
+
 Every rank of the group must call the op the same number of times in the same order, and must use
 its output in the loss (a rank that does not backpropagate through it leaves the others waiting).
 The slopes gradient on each rank is that rank's contribution: sum (or, in DDP, average) it over the
@@ -363,6 +369,13 @@ def sp_lightning_attn(
             unequal shards with ``cu_seqlens``.
     Returns:
         o: [B, T_local, H, E], this rank's shard of the output, in q's dtype.
+
+    Under torch.compile the call traces without a graph break (forward and backward, cu_seqlens, learnable
+    slopes): the exchange is a synchronous custom op (no overlap with the local kernel), the consistency header
+    (if :func:`comm.consistency_checks_enabled` at run time) and the cu_seqlens checks run inside it and raise
+    the same ValueErrors; the checks of values done in eager mode before any collective (non-negative slopes)
+    are skipped, and an argument error found while tracing is raised on that rank only (with
+    ``fullgraph=True`` as dynamo's ``Unsupported`` wrapping the ValueError).
     """
     g = comm.as_group(group)
     P = comm.group_size(g)

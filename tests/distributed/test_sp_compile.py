@@ -87,13 +87,14 @@ def _model_case(rank, mode, packed, ckpt, group, dev):
 
 def _op_case(rank, world, dev):
     """The op alone over 3 ranks (the middle rank relays in ring mode; da_r = <G_{r+1}, H_r> is nonzero only
-    for 0 < r < P-1): output and every input gradient, learnable slopes, compiled equals eager."""
+    for 0 < r < P-1): output and every input gradient, learnable slopes, compiled equals eager. H, D as in the
+    tiny model (the same Triton kernels on a GPU)."""
     compile_backend, attn_backend, _, grad_tol = SETTINGS[dev]
     L = 8
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, world * L, 2, 4, generator=g)[:, rank * L:(rank + 1) * L].to(dev) for _ in range(3))
-    w = torch.randn(1, world * L, 2, 4, generator=g)[:, rank * L:(rank + 1) * L].to(dev)
-    log_s = torch.tensor([-2.0, -0.7], device=dev)
+    q, k, v = (torch.randn(1, world * L, 4, 16, generator=g)[:, rank * L:(rank + 1) * L].to(dev) for _ in range(3))
+    w = torch.randn(1, world * L, 4, 16, generator=g)[:, rank * L:(rank + 1) * L].to(dev)
+    log_s = torch.tensor([-2.0, -0.7, -1.5, -3.0], device=dev)
     # doc [5, 19) spans the middle shard [8, 16): its incoming state flows on to rank 2
     for mode in ("allgather", "ring"):
         for cu in (None, torch.tensor([0, 5, 19, world * L], dtype=torch.int32, device=dev)):
@@ -118,8 +119,8 @@ def _errors_inside_the_graph(rank, world, dev):
     compile_backend, attn_backend = SETTINGS[dev][:2]
     L = 8
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, L, 2, 4, generator=g).to(dev) for _ in range(3))
-    s = torch.tensor([0.1, 0.5], device=dev)
+    q, k, v = (torch.randn(1, L, 4, 16, generator=g).to(dev) for _ in range(3))
+    s = torch.tensor([0.1, 0.5, 0.2, 0.05], device=dev)
 
     def f(q, k, v, s, cu):
         return sp_lightning_attn(q, k, v, s, cu_seqlens=cu, backend=attn_backend)
