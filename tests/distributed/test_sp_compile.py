@@ -5,7 +5,8 @@ traced, the state exchange is the custom op ``seqpar::sp_state_exchange`` (seqpa
 Checked on every rank: ``torch._dynamo.explain`` finds no graph break, and the compiled loss and every
 parameter gradient (learnable slopes included) equal eager, in both modes, with and without packed documents
 (and selective activation checkpointing);
-a second batch with other document offsets reuses the graph; the header check and the cu_seqlens validation
+a second batch with other document offsets reuses the graph and reads the offsets on the host once per
+tensor, not once per layer; the header check and the cu_seqlens validation
 still raise a ValueError on every rank inside the compiled graph. One spawn of 3 ranks for the whole module: the
 model runs on the pair {0, 1}, the op alone on all 3 (the middle rank of the ring, the gradient of a_r).
 """
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.distributed import shard_sequence, sp_lightning_attn
+from seqpar.kernels.lightning_attn import varlen
 from seqpar.models import TNLConfig, TransNormerLLM
 
 from sp_dist_utils import run_workers
@@ -74,8 +76,13 @@ def _model_case(rank, mode, packed, ckpt, group, dev):
     torch._dynamo.reset()
     comp = torch.compile(step, backend=compile_backend, fullgraph=True)
     for i, ((x, y, cu), full) in enumerate(zip(sharded, batches)):
+        reads = varlen.STATS["reads"]
         with torch._dynamo.config.patch(error_on_recompile=i > 0):  # new offsets, same graph
             l1, g1 = _grads(model, comp, x, y, cu)
+        if packed and i > 0:  # host reads of offsets: the global ones and the local ones (recomputed in the
+            # backward under checkpointing), not one per layer (the tiny model has 2)
+            n = varlen.STATS["reads"] - reads
+            assert n <= 2 + bool(ckpt), f"{tag} {n} host reads of offsets in a step"
         l0, g0 = _grads(model, step, x, y, cu)
         assert _rel(l1, l0) < loss_tol, f"{tag} batch {i} loss {l1} vs eager {l0}"
         lr = ref(full[0], labels=full[1], cu_seqlens=full[2], return_logits=False).loss  # the whole sequence
