@@ -27,6 +27,12 @@ With ``cu_seqlens`` each rank must know its global offset: by default shards are
 (offset = rank * T_local, checked against ``cu_seqlens[-1] == P * T_local`` with a ValueError that
 says how to pad); pass ``shard_offset`` for unequal shards.
 
+Under torch.compile (``torch.compiler.is_compiling()``) the op takes the traced path :func:`_sp_traced`: the
+exchange is the custom op ``seqpar::sp_state_exchange`` (:mod:`seqpar.distributed.sp_ops`, synchronous, with a
+registered backward), the document structure is computed on the device (no host read of ``cu_seqlens`` in the
+graph), and the header check and the cu_seqlens validation run inside the op at run time. Eager calls keep the
+overlapped path above unchanged.
+
 Every rank of the group must call the op the same number of times in the same order, and must use
 its output in the loss (a rank that does not backpropagate through it leaves the others waiting).
 The slopes gradient on each rank is that rank's contribution: sum (or, in DDP, average) it over the
@@ -42,6 +48,7 @@ from ..kernels.lightning_attn import lightning_attn
 from ..kernels.lightning_attn import varlen
 from ..kernels.lightning_attn.interface import validate_inputs
 from . import comm
+from .sp_ops import check_global_cu_seqlens, sp_state_exchange
 
 __all__ = ["sp_lightning_attn", "local_cu_seqlens"]
 
@@ -362,10 +369,19 @@ def sp_lightning_attn(
             unequal shards with ``cu_seqlens``.
     Returns:
         o: [B, T_local, H, E], this rank's shard of the output, in q's dtype.
+
+    Under torch.compile the call traces without a graph break (forward and backward, cu_seqlens, learnable
+    slopes): the exchange is a synchronous custom op (no overlap with the local kernel), the consistency header
+    (if :func:`comm.consistency_checks_enabled` at run time) and the cu_seqlens checks run inside it and raise
+    the same ValueErrors; the checks of values done in eager mode before any collective (non-negative slopes)
+    are skipped, and an argument error found while tracing is raised on that rank only (with
+    ``fullgraph=True`` as dynamo's ``Unsupported`` wrapping the ValueError).
     """
     g = comm.as_group(group)
     P = comm.group_size(g)
     r = comm.group_rank(g)
+    if torch.compiler.is_compiling():
+        return _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard_offset)
     checks = P > 1 and comm.consistency_checks_enabled()
     # With checks, every rank all-gathers a fixed-size header (shapes, dtype, mode, scale, checksums of slopes
     # and cu_seqlens) before the state exchange, the same collective in both modes: a disagreement, or invalid
@@ -406,19 +422,7 @@ def _local_plan(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset,
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
         cu_list = varlen.offsets(cu_seqlens)  # one host read per tensor, shared by every layer
-        total = cu_list[-1]
-        if cu_list[0] != 0 or any(b < a for a, b in zip(cu_list, cu_list[1:])):
-            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_list[:8]}...")
-        if shard_offset is None:
-            if total != P * L:
-                raise ValueError(
-                    f"cu_seqlens[-1] = {total} (global tokens) != group size {P} x local length {L}: "
-                    f"shards must be equal (pad the packed sequence to a multiple of {P}, e.g. with a "
-                    f"final padding document, before shard_sequence) or pass shard_offset="
-                )
-            shard_offset = r * L
-        elif not (0 <= shard_offset and shard_offset + L <= total):
-            raise ValueError(f"shard_offset {shard_offset} + T_local {L} exceeds cu_seqlens[-1] = {total}")
+        shard_offset = check_global_cu_seqlens(cu_list, P, r, L, shard_offset)
         # the local offsets tensor is built once per (cu_seqlens, shard): the same object in every layer,
         # so the local kernel's plan is cached on it too
         local_cu, first, last, resets = varlen.cached(
@@ -456,3 +460,82 @@ def _sp_forward(q, k, v, slopes, g, P, r, scale, mode, local_cu, first, last, re
     if n == L:
         return o0 + corr
     return torch.cat([o0[:, :n] + corr, o0[:, n:]], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The path torch.compile traces
+# --------------------------------------------------------------------------------------------
+
+
+def _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset):
+    """The argument checks that read no tensor values (the rest run inside the exchange op)."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("slopes", slopes)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be [B, T, H, D] and v [B, T, H, E] with the same B, T, H, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if slopes.shape != (q.shape[2],) or not slopes.is_floating_point():
+        raise ValueError(f"slopes must be a floating tensor of shape [H] = [{q.shape[2]}], got "
+                         f"{slopes.dtype} {tuple(slopes.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None (None means D**-0.5), got {type(scale).__name__}")
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if shard_offset is not None and (isinstance(shard_offset, bool) or not isinstance(shard_offset, int)):
+        raise TypeError(f"shard_offset must be an int or None, got {type(shard_offset).__name__}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 \
+                or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of global document offsets")
+        if q.shape[0] != 1:
+            raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {q.shape[0]}")
+
+
+def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard_offset):
+    """:func:`sp_lightning_attn` as torch.compile traces it: no host read of a tensor, no work handle.
+
+    The state exchange is the custom op ``seqpar::sp_state_exchange`` (:mod:`seqpar.distributed.sp_ops`),
+    which also runs the consistency-header check and the cu_seqlens validation at run time. The document
+    structure of the shard is computed on the device from the global ``cu_seqlens``, with shapes that do not
+    depend on its values: the local kernel gets ``clamp(cu_seqlens - offset, 0, T_local)`` (N+1 offsets,
+    documents outside the shard empty), the shard's outgoing state M masks the tokens before the last local
+    document start, and the correction masks those from the first one on. Every rank applies the
+    correction to all its tokens (zero where masked, and on rank 0, whose H_0 = 0), so every rank traces
+    the same graph and runs its collectives in the same order.
+    """
+    _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset)
+    B, L, H, D = q.shape
+    acc = _acc(q.dtype)
+    scale = D ** -0.5 if scale is None else float(scale)
+    if P == 1:
+        local_cu = None
+        if cu_seqlens is not None:
+            off = 0 if shard_offset is None else shard_offset
+            local_cu = (cu_seqlens.to(torch.int64) - off).clamp(0, L).to(cu_seqlens.dtype)
+        return lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)[0]
+    decay = torch.exp(-slopes.to(acc) * L)
+    if cu_seqlens is None:
+        local_cu = None
+        M = _SegmentState.apply(k, v, slopes)
+        a = decay
+        qc = q
+    else:
+        off = r * L if shard_offset is None else shard_offset
+        rel = cu_seqlens.to(torch.int64) - off  # document starts relative to the shard
+        start = (rel >= 0) & (rel < L)
+        first = torch.where(start, rel, L).amin()  # L: no document starts in the shard
+        last = torch.where(start, rel, 0).amax()
+        t = torch.arange(L, device=q.device)
+        M = _SegmentState.apply(k * (t >= last).to(k.dtype)[None, :, None, None], v, slopes)
+        a = decay * (~start.any()).to(acc)  # a document starts in the shard: H_r does not flow through it
+        qc = q * (t < first).to(q.dtype)[None, :, None, None]
+        local_cu = rel.clamp(0, L).to(cu_seqlens.dtype)
+    Hs = sp_state_exchange(M, a, slopes, cu_seqlens, scale, q.dtype, L,
+                           -1 if shard_offset is None else int(shard_offset), g.group_name, mode, r, P)
+    o0, _ = lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)
+    return o0 + _StateCorrection.apply(qc, Hs, slopes, scale)
