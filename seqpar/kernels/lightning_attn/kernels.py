@@ -26,6 +26,17 @@ def _dot(a, b, PREC: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
+def _round(x, DT: tl.constexpr, UP: tl.constexpr):
+    """x (fp32) rounded to DT (bf16 / fp16), to nearest even. UP (the CPU interpreter, whose fp32 -> bf16 cast
+    truncates, which biases a sum of rounded terms): the rounding is done on the bits first."""
+    if UP:  # bf16 inputs on the interpreter (see launch._up)
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(DT)
+
+
+@triton.jit
 def _sdot(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
     """a @ b for a state product: a is an input tile (exact in its dtype), b an fp32 tile (a state or
     decay-weighted rows). STATE: 0 rounds b to a's dtype; 1 fp32 operands (PREC: tf32 or ieee on GPU);
@@ -37,7 +48,7 @@ def _sdot(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
     elif STATE == 1:
         return _dot(a.to(tl.float32), b, PREC, UP)
     else:
-        return _dot(a, b.to(a.dtype), PREC, UP)
+        return _dot(a, _round(b, a.dtype, UP), PREC, UP)
 
 
 @triton.jit
@@ -50,7 +61,16 @@ def _sdot_l(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
     elif STATE == 1:
         return _dot(a, b.to(tl.float32), PREC, UP)
     else:
-        return _dot(a.to(b.dtype), b, PREC, UP)
+        return _dot(_round(a, b.dtype, UP), b, PREC, UP)
+
+
+@triton.jit
+def _block_coords(pid, H, D, E, BD: tl.constexpr, BE: tl.constexpr):
+    """(row, head, D block, E block) of program pid over a grid of rows x H x D blocks x E blocks (E fastest)."""
+    NEB = tl.cdiv(E, BE)
+    NDB = tl.cdiv(D, BD)
+    rest = pid // (NEB * NDB)
+    return rest // H, rest % H, (pid // NEB) % NDB, pid % NEB
 
 
 @triton.jit
@@ -83,14 +103,7 @@ def _seg_state_kernel(
     FROM_END: w_t = lambda^(end-1-t) (forward: k, v); else w_t = lambda^(t-start+1) (backward: q, do).
     a: [*, H, D], b: [*, H, E]; out: [NSEG, H, D, E] fp32.
     """
-    pid = tl.program_id(0)
-    NEB = tl.cdiv(E, BE)
-    NDB = tl.cdiv(D, BD)
-    i_e = pid % NEB
-    i_d = (pid // NEB) % NDB
-    rest = pid // (NEB * NDB)
-    h = rest % H
-    pid_s = rest // H
+    pid_s, h, i_d, i_e = _block_coords(tl.program_id(0), H, D, E, BD, BE)
     n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
     slope = tl.load(slopes_ptr + h).to(tl.float32)
 
@@ -131,14 +144,7 @@ def _scan_kernel(
     gradient entering it from the right (REVERSE) on exit. fin = state after the last segment (ht), or
     after the first one going backwards (dh0). init: h0 (forward) or dht (reverse), [N, H, D, E].
     """
-    pid = tl.program_id(0)
-    NEB = tl.cdiv(E, BE)
-    NDB = tl.cdiv(D, BD)
-    i_e = pid % NEB
-    i_d = (pid // NEB) % NDB
-    rest = pid // (NEB * NDB)
-    h = rest % H
-    n = rest // H
+    n, h, i_d, i_e = _block_coords(tl.program_id(0), H, D, E, BD, BE)
     if IS_VARLEN:
         bos = tl.load(cu_ptr + n).to(tl.int32)
         eos = tl.load(cu_ptr + n + 1).to(tl.int32)
@@ -545,32 +551,6 @@ def _lb_walk_kernel(
 
 
 
-@triton.jit
-def _round(x, DT: tl.constexpr, UP: tl.constexpr):
-    """x (fp32) rounded to DT, to nearest even. UP (the CPU interpreter, whose fp32 -> bf16 cast truncates,
-    which biases a sum of rounded terms): the rounding is done on the bits first."""
-    if UP:
-        b = x.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        x = b.to(tl.float32, bitcast=True)
-    return x.to(DT)
-
-
-@triton.jit
-def _wdot(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, LEFT: tl.constexpr, DT: tl.constexpr):
-    """a @ b with one fp32 operand (LEFT: a, else b) and the other an input tile of dtype DT: as _sdot /
-    _sdot_l, with a rounded fp32 operand (STATE 0) rounded to nearest even on the interpreter too."""
-    if STATE == 0:
-        if LEFT:
-            return _dot(_round(a, DT, UP), b, PREC, UP)
-        else:
-            return _dot(a, _round(b, DT, UP), PREC, UP)
-    elif LEFT:
-        return _sdot_l(a, b, STATE, PREC, UP)
-    else:
-        return _sdot(a, b, STATE, PREC, UP)
-
-
 @triton.jit(do_not_specialize=["T", "NS"])
 def _dslopes_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, hbuf_ptr, gbuf_ptr, part_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
@@ -593,14 +573,7 @@ def _dslopes_kernel(
     (q.k)(do.v) summed over the D and E blocks of the programs is the full product.
     part: [NSEG * H * NDB * NEB] fp32, the caller sums and negates.
     """
-    pid = tl.program_id(0)
-    NEB = tl.cdiv(E, BE)
-    NDB = tl.cdiv(D, BD)
-    i_e = pid % NEB
-    i_d = (pid // NEB) % NDB
-    rest = pid // (NEB * NDB)
-    h = rest % H
-    pid_s = rest // H
+    pid_s, h, i_d, i_e = _block_coords(tl.program_id(0), H, D, E, BD, BE)
     n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
     slope = tl.load(slopes_ptr + h).to(tl.float32)
 
@@ -636,15 +609,15 @@ def _dslopes_kernel(
         acc += tl.sum(qk * dv * w_in, axis=1)
         # across chunks: <S, Q^T diag(r lambda^r) dO> + <S', Q^T diag(lambda^r) dO>
         qT = tl.trans(q).to(tl.float32)
-        Nc = _wdot(qT * w_q[None, :], do, STATE, PREC, UP, True, do.dtype)
-        G1 = _wdot(qT * (r * w_q)[None, :], do, STATE, PREC, UP, True, do.dtype)
+        Nc = _sdot_l(qT * w_q[None, :], do, STATE, PREC, UP)
+        G1 = _sdot_l(qT * (r * w_q)[None, :], do, STATE, PREC, UP)
         tot += tl.sum(tl.sum(S * G1 + Sd * Nc, axis=1), axis=0)
         # S' <- lambda^L (S' + L S) + sum_j (L-1-j) lambda^(L-1-j) k_j^T v_j,  S <- lambda^L S + ...
         ex = tl.where(m_t, L - 1 - o_t, 0).to(tl.float32)
         k_w = tl.exp(-slope * ex)
         vf = v.to(tl.float32)
         lam = tl.exp(-slope * L.to(tl.float32))
-        Sd = lam * (Sd + L.to(tl.float32) * S) + _wdot(kT, vf * (ex * k_w)[:, None], STATE, PREC, UP, False, v.dtype)
-        S = lam * S + _wdot(kT, vf * k_w[:, None], STATE, PREC, UP, False, v.dtype)
+        Sd = lam * (Sd + L.to(tl.float32) * S) + _sdot(kT, vf * (ex * k_w)[:, None], STATE, PREC, UP)
+        S = lam * S + _sdot(kT, vf * k_w[:, None], STATE, PREC, UP)
     G = tl.load(gbuf_ptr + sptr, mask=m_de, other=0.0)
-    tl.store(part_ptr + pid, scale * (tl.sum(acc, axis=0) + tot) + tl.sum(tl.sum(Sd * G, axis=1), axis=0))
+    tl.store(part_ptr + tl.program_id(0), scale * (tl.sum(acc, axis=0) + tot) + tl.sum(tl.sum(Sd * G, axis=1), axis=0))
