@@ -10,7 +10,6 @@ in a ``torch.cuda.CUDAGraph`` and replayed. The graph's gradients are checked ag
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
 from op_paths import timed  # noqa: E402  (median of CUDA-event timings after 3 warm-up calls)
 
 from seqpar import lightning_attn  # noqa: E402
@@ -82,20 +82,10 @@ def main():
                 graph_ms, note = float("nan"), f"capture failed: {type(e).__name__}: {str(e)[:80]}"
             rows.append((shape, impl, eager, graph_ms, note))
             print(f"{shape} {impl}: eager {eager:.3f} ms, graph {graph_ms:.3f} ms ({note})", flush=True)
-    import triton
-
-    lines = ["# fwd+bwd, eager vs CUDA graph: seqpar vs causal SDPA (bf16)", "",
-             f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
-             f"date {datetime.date.today()}; command: `python benchmarks/op_graph.py {' '.join(sys.argv[1:])}`", "",
-             "| B,H,T,D | implementation | eager ms | CUDA graph ms | check |", "|---|---|---|---|---|"]
+    lines = report.header("fwd+bwd, eager vs CUDA graph: seqpar vs causal SDPA (bf16)", "op_graph.py")
+    lines += ["| B,H,T,D | implementation | eager ms | CUDA graph ms | check |", "|---|---|---|---|---|"]
     lines += [f"| {sh} | {im} | {e:.3f} | {gm:.3f} | {n} |" for sh, im, e, gm, n in rows]
-    text = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"op_graph_{torch.cuda.get_device_name().replace(' ', '_')}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text)
-
+    report.write(args.out, f"op_graph_{torch.cuda.get_device_name().replace(' ', '_')}.md", lines)
 
 if __name__ == "__main__":
     main()

@@ -9,13 +9,12 @@ inputs: ``split`` (fp32-exact state products), ``tf32``, ``bf16``. CUDA-event ti
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
-import sys
 
 import torch
 
+import report  # benchmarks/report.py, beside this script
 from seqpar.kernels.lightning_attn import chunk
 from seqpar.kernels.lightning_attn.ops import lightning_attn_fwd_op
 from seqpar.kernels.lightning_attn.tuning import from_env
@@ -68,20 +67,10 @@ def main():
             ms = timed(lambda: fwd_bwd(path, q, k, v, s, do, cfg), args.iters)
             rows.append((mode, path, fwd_ms, ms))
             print(f"{mode:5s} {path:9s} fwd {fwd_ms:.3f} ms  fwd+bwd {ms:.3f} ms", flush=True)
-    import triton
-
-    lines = [f"# Operator entry paths and state modes, B{B} T{T} H{H} D{D} bf16", "",
-             f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
-             f"date {datetime.date.today()}; command: `python benchmarks/op_paths.py {' '.join(sys.argv[1:])}`", "",
-             "| state products | path | forward ms | forward + backward ms |", "|---|---|---|---|"]
+    lines = report.header(f"Operator entry paths and state modes, B{B} T{T} H{H} D{D} bf16", "op_paths.py")
+    lines += ["| state products | path | forward ms | forward + backward ms |", "|---|---|---|---|"]
     lines += [f"| {m} | {p} | {f:.3f} | {t:.3f} |" for m, p, f, t in rows]
-    text = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"op_paths_B{B}_T{T}_H{H}_D{D}.md")
-    with open(path, "w") as f:
-        f.write(text)
-    print(text)
-
+    report.write(args.out, f"op_paths_B{B}_T{T}_H{H}_D{D}.md", lines)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,6 @@ noise). Writes a table to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
 from profile_train import old_ce_sum  # noqa: E402
 
 from seqpar.data.corpus import load_corpus  # noqa: E402
@@ -97,25 +97,16 @@ def main():
     seed_diff = ([max(by[(p, s)] for s in seeds) - min(by[(p, s)] for s in seeds) for p in ("eager", "fast")]
                  if len(seeds) > 1 else [])
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
-    import triton
-
-    lines = [f"# Loss parity: fast path vs eager path, {args.model} B{args.B} T{args.T}, {args.steps} steps", "",
-             f"device: {name}; torch {torch.__version__}, triton {triton.__version__}; date {datetime.date.today()}; "
-             f"command: `python benchmarks/speed_parity.py {' '.join(sys.argv[1:])}`", "",
-             "| path | seed | loss, step 1 | mean loss, last 10 steps | seconds |", "|---|---|---|---|---|"]
+    lines = report.header(f"Loss parity: fast path vs eager path, {args.model} B{args.B} T{args.T}, {args.steps} steps",
+                          "speed_parity.py", name)
+    lines += ["| path | seed | loss, step 1 | mean loss, last 10 steps | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['seed']} | {r['first']:.4f} | {r['final']:.4f} | {r['seconds']:.0f} |" for r in rows]
     lines += ["", f"|fast - eager| per seed: {', '.join(f'{d:.4f}' for d in path_diff)}; "
               f"spread over seeds (max - min) per path, eager / fast: {' / '.join(f'{d:.4f}' for d in seed_diff) or 'n/a'}; "
               f"mean of each path: {np.mean([by[('eager', s)] for s in seeds]):.4f} / "
               f"{np.mean([by[('fast', s)] for s in seeds]):.4f}"]
-    text = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    out = os.path.join(args.out, f"speed_parity_{args.model}_T{args.T}_{args.steps}steps.md")
-    with open(out, "w") as f:
-        f.write(text)
-    print(text)
+    out = report.write(args.out, f"speed_parity_{args.model}_T{args.T}_{args.steps}steps.md", lines)
     print(f"wrote {out}")
-
 
 if __name__ == "__main__":
     main()
