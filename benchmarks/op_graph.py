@@ -87,5 +87,6 @@ def main():
     lines += [f"| {sh} | {im} | {e:.3f} | {gm:.3f} | {n} |" for sh, im, e, gm, n in rows]
     report.write(args.out, f"op_graph_{torch.cuda.get_device_name().replace(' ', '_')}.md", lines)
 
+
 if __name__ == "__main__":
     main()

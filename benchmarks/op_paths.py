@@ -72,5 +72,6 @@ def main():
     lines += [f"| {m} | {p} | {f:.3f} | {t:.3f} |" for m, p, f, t in rows]
     report.write(args.out, f"op_paths_B{B}_T{T}_H{H}_D{D}.md", lines)
 
+
 if __name__ == "__main__":
     main()

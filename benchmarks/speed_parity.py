@@ -108,5 +108,6 @@ def main():
     out = report.write(args.out, f"speed_parity_{args.model}_T{args.T}_{args.steps}steps.md", lines)
     print(f"wrote {out}")
 
+
 if __name__ == "__main__":
     main()
