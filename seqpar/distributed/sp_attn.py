@@ -70,6 +70,21 @@ def _ranges(n: int, c: int = _CHUNK):
 # --------------------------------------------------------------------------------------------
 
 
+def _acc_sum(parts, like: torch.Tensor) -> torch.Tensor:
+    """Sum of a list of tensors, out of place (zeros of ``like``'s shape for an empty list)."""
+    total = None
+    for p in parts:
+        total = p if total is None else total + p
+    return torch.zeros_like(like) if total is None else total
+
+
+def _cat_rows(parts, like: torch.Tensor) -> torch.Tensor:
+    """Chunks along T concatenated (an empty ``like``-shaped tensor for no chunks)."""
+    return torch.cat(parts, 1) if parts else torch.empty_like(like)
+
+
+# The helpers below build their results from per-chunk pieces, out of place: a traced (torch.compile)
+# backward that wrote chunks into a fresh buffer gave zero gradients on CUDA (torch 2.11).
 class _SegmentState(torch.autograd.Function):
     """M = sum_j lambda^(L-1-j) k_j^T v_j over a segment of L tokens -> [B, H, D, E] (acc dtype)."""
 
@@ -79,14 +94,14 @@ class _SegmentState(torch.autograd.Function):
         E = v.shape[-1]
         acc = _acc(k.dtype)
         s = slopes.detach().to(acc)
-        M = torch.zeros(B, H, D, E, dtype=acc, device=k.device)
+        parts = []
         for a, b in _ranges(L):
             j = torch.arange(a, b, device=k.device, dtype=acc)
             w = torch.exp(-s[None, :] * (L - 1 - j)[:, None])  # [c, H]
             kw = k[:, a:b].to(acc) * w[None, :, :, None]
-            M += torch.einsum("bthd,bthe->bhde", kw, v[:, a:b].to(acc))
+            parts.append(torch.einsum("bthd,bthe->bhde", kw, v[:, a:b].to(acc)))
         ctx.save_for_backward(k, v, slopes)
-        return M
+        return _acc_sum(parts, torch.empty(B, H, D, E, dtype=acc, device=k.device))
 
     @staticmethod
     def backward(ctx, dM):
@@ -95,9 +110,7 @@ class _SegmentState(torch.autograd.Function):
         acc = dM.dtype
         s = slopes.detach().to(acc)
         need_k, need_v, need_s = ctx.needs_input_grad[:3]
-        dk = torch.empty_like(k) if need_k else None
-        dv = torch.empty_like(v) if need_v else None
-        ds = torch.zeros(H, dtype=acc, device=k.device) if need_s else None
+        dks, dvs, dss = [], [], []
         for a, b in _ranges(L):
             j = torch.arange(a, b, device=k.device, dtype=acc)
             e = (L - 1 - j)[:, None]
@@ -105,13 +118,16 @@ class _SegmentState(torch.autograd.Function):
             kc, vc = k[:, a:b].to(acc), v[:, a:b].to(acc)
             vdm = torch.einsum("bthe,bhde->bthd", vc, dM)  # (dM v_j)
             if need_k:
-                dk[:, a:b] = (vdm * w).to(k.dtype)
+                dks.append((vdm * w).to(k.dtype))
             if need_v:
-                dv[:, a:b] = (torch.einsum("bthd,bhde->bthe", kc, dM) * w).to(v.dtype)
+                dvs.append((torch.einsum("bthd,bhde->bthe", kc, dM) * w).to(v.dtype))
             if need_s:
                 # d/ds lambda^e = -e lambda^e
-                ds -= ((kc * vdm).sum(-1) * w[..., 0] * e[None]).sum((0, 1))
-        return dk, dv, (ds.to(slopes.dtype) if need_s else None)
+                dss.append(-((kc * vdm).sum(-1) * w[..., 0] * e[None]).sum((0, 1)))
+        dk = _cat_rows(dks, k) if need_k else None
+        dv = _cat_rows(dvs, v) if need_v else None
+        ds = _acc_sum(dss, s).to(slopes.dtype) if need_s else None
+        return dk, dv, ds
 
 
 class _StateCorrection(torch.autograd.Function):
@@ -123,14 +139,14 @@ class _StateCorrection(torch.autograd.Function):
         E = Hs.shape[-1]
         acc = Hs.dtype
         s = slopes.detach().to(acc)
-        out = torch.empty(B, T, H, E, dtype=q.dtype, device=q.device)
+        parts = []
         for a, b in _ranges(T):
             t = torch.arange(a, b, device=q.device, dtype=acc)
             w = torch.exp(-s[None, :] * (t + 1)[:, None])[None, :, :, None]  # [1, c, H, 1]
-            out[:, a:b] = (torch.einsum("bthd,bhde->bthe", q[:, a:b].to(acc), Hs) * (w * scale)).to(q.dtype)
+            parts.append((torch.einsum("bthd,bhde->bthe", q[:, a:b].to(acc), Hs) * (w * scale)).to(q.dtype))
         ctx.save_for_backward(q, Hs, slopes)
         ctx.scale = scale
-        return out
+        return _cat_rows(parts, torch.empty(B, T, H, E, dtype=q.dtype, device=q.device))
 
     @staticmethod
     def backward(ctx, dout):
@@ -140,9 +156,7 @@ class _StateCorrection(torch.autograd.Function):
         acc = Hs.dtype
         s = slopes.detach().to(acc)
         need_q, need_h, need_s = ctx.needs_input_grad[:3]
-        dq = torch.empty_like(q) if need_q else None
-        dH = torch.zeros_like(Hs) if need_h else None
-        ds = torch.zeros(H, dtype=acc, device=q.device) if need_s else None
+        dqs, dHs, dss = [], [], []
         for a, b in _ranges(T):
             t = torch.arange(a, b, device=q.device, dtype=acc)
             e = (t + 1)[:, None]
@@ -150,13 +164,16 @@ class _StateCorrection(torch.autograd.Function):
             do = dout[:, a:b].to(acc)
             qc = q[:, a:b].to(acc)
             if need_q:
-                dq[:, a:b] = (torch.einsum("bthe,bhde->bthd", do, Hs) * w).to(q.dtype)
+                dqs.append((torch.einsum("bthe,bhde->bthd", do, Hs) * w).to(q.dtype))
             if need_h:
-                dH += torch.einsum("bthd,bthe->bhde", qc * w, do)
+                dHs.append(torch.einsum("bthd,bthe->bhde", qc * w, do))
             if need_s:
                 qh = torch.einsum("bthd,bhde->bthe", qc, Hs)
-                ds -= ((qh * do).sum(-1) * w[..., 0] * e[None]).sum((0, 1))
-        return dq, dH, (ds.to(slopes.dtype) if need_s else None), None
+                dss.append(-((qh * do).sum(-1) * w[..., 0] * e[None]).sum((0, 1)))
+        dq = _cat_rows(dqs, q) if need_q else None
+        dH = _acc_sum(dHs, Hs) if need_h else None
+        ds = _acc_sum(dss, s).to(slopes.dtype) if need_s else None
+        return dq, dH, ds, None
 
 
 class _Attach(torch.autograd.Function):
@@ -496,14 +513,27 @@ def _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offs
             raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {q.shape[0]}")
 
 
+def _local_op(q, k, v, slopes, scale, cu_seqlens, backend, cu_offset):
+    """The shard's own attention (zero initial state) through ``seqpar::lightning_attn_fwd``, given the global
+    offsets and the shard's first token ``cu_offset`` (-1 without cu_seqlens): the op derives the local offsets
+    once per cu_seqlens tensor and keeps them on it, so every layer and its backward share one plan."""
+    from ..kernels.lightning_attn.interface import _static_backend
+    from ..kernels.lightning_attn.ops import lightning_attn_fwd_op
+
+    slope_grad = torch.is_grad_enabled() and slopes.requires_grad
+    o, _, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, None, cu_seqlens, _static_backend(q, backend), slope_grad,
+                                    cu_offset)
+    return o
+
+
 def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard_offset):
     """:func:`sp_lightning_attn` as torch.compile traces it: no host read of a tensor, no work handle.
 
     The state exchange is the custom op ``seqpar::sp_state_exchange`` (:mod:`seqpar.distributed.sp_ops`),
     which also runs the consistency-header check and the cu_seqlens validation at run time. The document
     structure of the shard is computed on the device from the global ``cu_seqlens``, with shapes that do not
-    depend on its values: the local kernel gets ``clamp(cu_seqlens - offset, 0, T_local)`` (N+1 offsets,
-    documents outside the shard empty), the shard's outgoing state M masks the tokens before the last local
+    depend on its values: the local kernel gets ``clamp(cu_seqlens - offset, 0, T_local)`` (formed inside the
+    op, N+1 offsets, documents outside the shard empty), the shard's outgoing state M masks the tokens before the last local
     document start, and the correction masks those from the first one on. Every rank applies the
     correction to all its tokens (zero where masked, and on rank 0, whose H_0 = 0), so every rank traces
     the same graph and runs its collectives in the same order.
@@ -512,20 +542,15 @@ def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard
     B, L, H, D = q.shape
     acc = _acc(q.dtype)
     scale = D ** -0.5 if scale is None else float(scale)
+    off = (r * L if shard_offset is None else int(shard_offset)) if cu_seqlens is not None else -1
     if P == 1:
-        local_cu = None
-        if cu_seqlens is not None:
-            off = 0 if shard_offset is None else shard_offset
-            local_cu = (cu_seqlens.to(torch.int64) - off).clamp(0, L).to(cu_seqlens.dtype)
-        return lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)[0]
+        return _local_op(q, k, v, slopes, scale, cu_seqlens, backend, off)
     decay = torch.exp(-slopes.to(acc) * L)
     if cu_seqlens is None:
-        local_cu = None
         M = _SegmentState.apply(k, v, slopes)
         a = decay
         qc = q
     else:
-        off = r * L if shard_offset is None else shard_offset
         rel = cu_seqlens.to(torch.int64) - off  # document starts relative to the shard
         start = (rel >= 0) & (rel < L)
         first = torch.where(start, rel, L).amin()  # L: no document starts in the shard
@@ -534,8 +559,7 @@ def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard
         M = _SegmentState.apply(k * (t >= last).to(k.dtype)[None, :, None, None], v, slopes)
         a = decay * (~start.any()).to(acc)  # a document starts in the shard: H_r does not flow through it
         qc = q * (t < first).to(q.dtype)[None, :, None, None]
-        local_cu = rel.clamp(0, L).to(cu_seqlens.dtype)
     Hs = sp_state_exchange(M, a, slopes, cu_seqlens, scale, q.dtype, L,
                            -1 if shard_offset is None else int(shard_offset), g.group_name, mode, r, P)
-    o0, _ = lightning_attn(q, k, v, slopes, scale=scale, cu_seqlens=local_cu, backend=backend)
+    o0 = _local_op(q, k, v, slopes, scale, cu_seqlens, backend, off)
     return o0 + _StateCorrection.apply(qc, Hs, slopes, scale)

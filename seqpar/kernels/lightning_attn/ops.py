@@ -21,6 +21,21 @@ def _state_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _local_cu(cu_seqlens: Optional[torch.Tensor], cu_offset: int, T: int) -> Optional[torch.Tensor]:
+    """The offsets the kernels run on: ``cu_seqlens`` itself (cu_offset < 0), or for global offsets of a shard
+    starting at token ``cu_offset``, ``clamp(cu_seqlens - cu_offset, 0, T)`` [N+1], built on the device once per
+    (tensor, cu_offset, T) and kept on the tensor (:mod:`.varlen`): every layer of a step and its backward get
+    the same local tensor, so its offsets are read and its plan is built once."""
+    if cu_seqlens is None or cu_offset < 0:
+        return cu_seqlens
+    from . import varlen
+
+    def build(_offs):
+        return (cu_seqlens.to(torch.int64) - cu_offset).clamp(0, T).to(cu_seqlens.dtype)
+
+    return varlen.cached(cu_seqlens, ("local", int(cu_offset), int(T)), build)
+
+
 def _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
     if backend == "torch":
         return torch_chunk_lightning_attn(q, k, v, slopes, scale, initial_state, True, cu_seqlens)
@@ -33,11 +48,14 @@ def _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
 def lightning_attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float,
     initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
-    slope_grad: bool = False,
+    slope_grad: bool = False, cu_offset: int = -1,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """o [B, T, H, E] (q's dtype), ht [N, H, D, E] (fp32; fp64 for fp64 inputs), hbuf: the Triton forward's
     segment states [rows, H, D, E] fp32 for the backward ([0] on the torch backend). Inputs validated.
-    slope_grad: the slopes will need a gradient (the state products then keep the fp32 state exact)."""
+    slope_grad: the slopes will need a gradient (the state products then keep the fp32 state exact).
+    cu_offset >= 0: cu_seqlens are global offsets and this call holds tokens [cu_offset, cu_offset + T) of
+    them (documents outside are empty; see :func:`_local_cu`)."""
+    cu_seqlens = _local_cu(cu_seqlens, cu_offset, q.shape[1])
     if backend == "triton":
         from .chunk import chunk_lightning_attn_fwd_saved
 
@@ -52,7 +70,7 @@ def lightning_attn_fwd_op(
 
 
 @lightning_attn_fwd_op.register_fake
-def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=False):
+def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=False, cu_offset=-1):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if backend == "triton":
@@ -70,11 +88,13 @@ def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=Fal
 def lightning_attn_bwd_op(
     do: torch.Tensor, dht: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
     scale: float, initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
-    need_dslopes: bool, hbuf: torch.Tensor, ht: torch.Tensor,
+    need_dslopes: bool, hbuf: torch.Tensor, ht: torch.Tensor, cu_offset: int = -1,
 ) -> List[torch.Tensor]:
     """[dq, dk, dv, dslopes, dh0] (dh0 empty [0] without an initial state; dslopes zeros when not
     need_dslopes). Triton: from the forward's segment states hbuf and final state ht (the forward is
-    recomputed when hbuf is empty); torch: the forward is recomputed under torch.func.vjp."""
+    recomputed when hbuf is empty); torch: the forward is recomputed under torch.func.vjp. cu_offset: as
+    for the forward op."""
+    cu_seqlens = _local_cu(cu_seqlens, cu_offset, q.shape[1])
     if backend == "triton":
         from .chunk import chunk_lightning_attn_bwd_saved, chunk_lightning_attn_grads
 
@@ -104,16 +124,17 @@ def lightning_attn_bwd_op(
 
 
 @lightning_attn_bwd_op.register_fake
-def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend, need_dslopes, hbuf, ht):
+def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend, need_dslopes, hbuf, ht, cu_offset=-1):
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(slopes), dh0]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, slopes, scale, initial_state, cu_seqlens, backend, *_ = inputs
+    q, k, v, slopes, scale, initial_state, cu_seqlens, backend, *rest = inputs
     _, ht, hbuf = output
     ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens, hbuf, ht)
     ctx.scale, ctx.backend = scale, backend
+    ctx.cu_offset = rest[1] if len(rest) > 1 else -1
     ctx.has_h0, ctx.has_cu = initial_state is not None, cu_seqlens is not None
 
 
@@ -127,9 +148,9 @@ def _backward(ctx, do, dht, _dhbuf):
         dht = q.new_zeros((N, q.shape[2], q.shape[3], v.shape[-1]), dtype=_state_dtype(q))
     dq, dk, dv, ds, dh0 = lightning_attn_bwd_op(
         do, dht, q, k, v, slopes, ctx.scale, initial_state if ctx.has_h0 else None,
-        cu_seqlens if ctx.has_cu else None, ctx.backend, bool(ctx.needs_input_grad[3]), hbuf, ht,
+        cu_seqlens if ctx.has_cu else None, ctx.backend, bool(ctx.needs_input_grad[3]), hbuf, ht, ctx.cu_offset,
     )
-    return dq, dk, dv, ds, None, (dh0 if ctx.has_h0 else None), None, None, None
+    return dq, dk, dv, ds, None, (dh0 if ctx.has_h0 else None), None, None, None, None
 
 
 torch.library.register_autograd("seqpar::lightning_attn_fwd", _backward, setup_context=_setup_context)
