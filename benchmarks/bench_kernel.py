@@ -220,6 +220,13 @@ TUNE_VARIANTS = {
     "blk128w16": {k: {"BLK": 128, "num_warps": 16} for k in ("fwd", "dqdk", "dv")},
     "blk128st1": {k: {"BLK": 128, "num_stages": 1} for k in ("fwd", "dqdk", "dv")},
     "seg16": {"seg_max": 16},
+    "seg8": {"seg_max": 8},
+    "waves2": {"waves": 2},
+    "waves3": {"waves": 3},
+    "waves8": {"waves": 8},
+    "waves8seg64": {"waves": 8, "seg_max": 64},
+    # a fixed number of chunks per segment (the automatic rule off)
+    **{f"sc{n}": {"seg_chunks": n} for n in (4, 8, 12, 15, 16, 20, 24, 31, 32, 48, 64)},
     "seg64": {"seg_max": 64, "waves": 2},
     "w4st3": {k: {"num_warps": 4, "num_stages": 3} for k in ("fwd", "dqdk", "dv")},
     "w4st4": {k: {"num_warps": 4, "num_stages": 4} for k in ("fwd", "dqdk", "dv")},

@@ -350,12 +350,13 @@ def test_segment_length_does_not_change_the_result():
 
 @pytest.mark.parametrize(
     "B,T,H,D,expected",
-    [(4, 2048, 16, 128, 7), (4, 8192, 16, 128, 31), (4, 16384, 16, 128, 64), (4, 32768, 16, 128, 64),
-     (1, 131072, 16, 128, 64), (2, 32768, 32, 64, 64), (1, 64, 1, 16, 1)],
+    [(4, 2048, 16, 128, 16), (4, 8192, 16, 128, 64), (4, 16384, 16, 128, 64), (4, 32768, 16, 128, 64),
+     (1, 131072, 16, 128, 64), (2, 32768, 32, 64, 64), (1, 32768, 8, 128, 32), (1, 64, 1, 16, 1)],
 )
 def test_automatic_segment_length_for_a_gpu(B, T, H, D, expected, monkeypatch):
-    """The segment length chosen for a 132-SM GPU: 4 waves of <= 32-chunk segments, and <= 64-chunk segments
-    in 2 waves (LaunchConfig.seg_long) once the first rule is saturated (benchmarks/results/kernel_tuning_h200.md)."""
+    """The segment length chosen for a 132-SM GPU: 2 waves of <= 32-chunk segments, and <= 64-chunk segments
+    in 2 waves (LaunchConfig.seg_long) once the first rule is saturated, rounded to a power of two
+    (benchmarks/results/kernel_segments_h200.md)."""
     monkeypatch.setattr(plan_mod, "_num_sms", lambda device: 132)
     plan = plan_mod._Plan(B, T, H, D, D, None, torch.device("cuda"), DEFAULT)
     assert plan.seg_chunks == expected

@@ -26,12 +26,12 @@ def test_default_values_and_immutability():
 
 
 def test_replace_merges_nested_dicts_and_leaves_the_original():
-    cfg = DEFAULT.replace(fwd={"num_stages": 3, "maxnreg": 168}, waves=2, small={"scan": {"BLK": 16}})
+    cfg = DEFAULT.replace(fwd={"num_stages": 3, "maxnreg": 168}, waves=3, small={"scan": {"BLK": 16}})
     assert cfg.fwd == KernelLaunch(BLK=64, num_warps=4, num_stages=3, maxnreg=168)
     assert cfg.fwd.options() == {"num_warps": 4, "num_stages": 3, "maxnreg": 168}
-    assert cfg.waves == 2 and cfg.dqdk == DEFAULT.dqdk
+    assert cfg.waves == 3 and cfg.dqdk == DEFAULT.dqdk
     assert cfg.small.scan.BLK == 16 and cfg.small.fuse_dkdv is True and cfg.small.fwd == DEFAULT.small.fwd
-    assert DEFAULT.fwd.num_stages == 2 and DEFAULT.waves == 4  # unchanged
+    assert DEFAULT.fwd.num_stages == 2 and DEFAULT.waves == 2  # unchanged
     assert DEFAULT.replace() is DEFAULT
     # seg_long: None switches the rule off; a dict afterwards starts from the default values
     off = DEFAULT.replace(seg_long=None)

@@ -43,17 +43,27 @@ def _blk(cfg: LaunchConfig, kind: str, x: int, other: int) -> int:
 def _seg_chunks_auto(cfg: LaunchConfig, n_chunks: int, H: int, D: int, E: int, device) -> int:
     """Chunks per segment chosen from the problem size: on a GPU enough programs for cfg.waves waves of
     the output kernel, at most cfg.seg_max chunks; problems that fill those waves with seg_max-chunk
-    segments get longer segments and fewer waves (cfg.seg_long). On the CPU: 4."""
+    segments get longer segments and fewer waves (cfg.seg_long). The count is then rounded to the nearest
+    power of two (at most the cap that applied), so that power-of-two lengths split into whole segments and
+    the programs fill whole waves. On the CPU: 4."""
     if device.type != "cuda":
         return 4
     sms = _num_sms(device)
     neb = _cdiv(E, _blk(cfg, "fwd", E, D))
     work = n_chunks * H * neb
-    seg_chunks = min(cfg.seg_max, work // (cfg.waves * sms))
+    cap = cfg.seg_max
+    seg_chunks = min(cap, work // (cfg.waves * sms))
     long = cfg.seg_long
     if long is not None and seg_chunks == cfg.seg_max:
-        seg_chunks = min(long.seg_max, work // (long.waves * sms))
-    return max(1, seg_chunks)
+        cap = long.seg_max
+        seg_chunks = min(cap, work // (long.waves * sms))
+    return min(cap, _p2_nearest(max(1, seg_chunks)))
+
+
+def _p2_nearest(n: int) -> int:
+    """The power of two nearest to n >= 1 (in log scale: 3 -> 4, 5 -> 4, 6 -> 8, 11 -> 8, 12 -> 16)."""
+    lo = 1 << (n.bit_length() - 1)
+    return lo if n * n < 2 * lo * lo else 2 * lo
 
 
 class _Plan:

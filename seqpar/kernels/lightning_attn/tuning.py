@@ -144,8 +144,9 @@ class LaunchConfig:
     Per kernel kind (see the module docstring): seg, scan, fwd, dqdk, dv, dv_fused, dsl (:class:`KernelLaunch`).
     Segment sizing (automatic when seg_chunks is None, on a GPU): segments get ``waves`` x SMs programs
     of the output kernel, of at most ``seg_max`` chunks; ``seg_long`` (or None): at most its ``seg_max``
-    chunks for its ``waves`` once the first rule gives seg_max. seg_chunks: a fixed number of chunks
-    per segment for every call (None: automatic; a call's own seg_chunks takes precedence).
+    chunks for its ``waves`` once the first rule gives seg_max; the count is then rounded to a power of
+    two. seg_chunks: a fixed number of chunks per segment for every call (None: automatic; a call's own
+    seg_chunks takes precedence).
     lookback: "fwd" (one-pass look-back walk for the forward, which also stores the segment states for
     the scan-path backward), True (look-back walks for the backward too, segments of ``lb_chunks``
     chunks unless a segment length is given), False (segment states + scan + walk kernels).
@@ -174,7 +175,7 @@ class LaunchConfig:
     dv: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     dv_fused: KernelLaunch = KernelLaunch(BLK=128, num_warps=8, num_stages=2)
     dsl: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=3)
-    waves: int = 4
+    waves: int = 2
     seg_max: int = 32
     seg_long: Optional[SegLong] = SegLong(waves=2, seg_max=64)
     seg_chunks: Optional[int] = None
