@@ -19,6 +19,8 @@
 #   bash benchmarks/gpu_checks.sh s3b       tnl-1b chunked at 2M, train.py vs the bare-loop profile at 32K
 #   bash benchmarks/gpu_checks.sh s3d       GPU kernel tests, slope-gradient paths after moving them into the dq walk,
 #                                           fixed-slope times, bench_train 2K/32K/128K vs compiled LLaMA
+#   bash benchmarks/gpu_checks.sh s4        SP under torch.compile on the GPU (3 processes), segment lengths rounded to powers
+#                                           of two (kernel times), bare loop with clipping vs train.py at 32K
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -143,6 +145,17 @@ if [[ $what == s3d ]]; then
     --out "$OUT/kernel_fixed_slopes_s3d_h200.md" 2>&1 | grep -E "^\|" | tail -4
   timeout 220 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
     --steps 2 --warmup 1 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
+fi
+if [[ $what == s4 ]]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/distributed/test_sp_compile.py -k gpu --runxfail -x 2>&1 \
+    | tee "$OUT/gpu_tests_sp_compile.log" | grep -E "Error|assert |passed|failed" | head -12
+  timeout 60 python3 benchmarks/bench_kernel.py --tune base --shapes 1,8,32768,128 4,16,2048,128 4,16,8192,128 \
+    4,16,32768,128 2>&1 | grep "^| [0-9]" | head -4
+  timeout 110 python3 benchmarks/profile_train.py --models tnl-0.4b --T 32768 --variants ac0-fused --compile model \
+    --steps 3 --warmup 2 --out "$OUT" 2>&1 | grep -E "^tnl"
+  timeout 130 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
+    model.compile=true model.activation_checkpointing=none trainer.max_steps=30 trainer.log_every=10 \
+    trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r04s4 2>&1 | grep -E "^step|done|Error" | tail -4
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

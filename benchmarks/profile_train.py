@@ -1,7 +1,8 @@
 """Where a training step's time goes: per-category GPU time of one TransNormerLLM step (torch profiler).
 
-A bare loop (bf16 autocast, fused AdamW, the model's chunked loss) at batch B and length T. For every variant
-it measures the median step time, then profiles two steps and sums the GPU kernel time per category
+A bare loop (bf16 autocast, gradient-norm clipping as train.py, fused AdamW, the model's chunked loss) at batch B
+and length T. For every variant it measures the median step time, then profiles two steps and sums the GPU kernel
+time per category
 (GEMMs, lightning-attention kernels, loss + head row pass, copies, memsets/fills, compiled elementwise,
 other elementwise, optimizer, communication); host gaps = step time - GPU busy time. Variants:
 
@@ -83,17 +84,20 @@ def parse_variant(v: str):
     return AC_TAGS[ac], ce
 
 
-def step_fn(model, opt, x, y):
+def step_fn(model, opt, x, y, grad_clip=0.0):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(x, labels=y, return_logits=False).loss
     loss.backward()
+    if grad_clip:  # as train.py (seqpar.models.lit.LitLM) does before the fused AdamW step
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
 
 
-def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup):
-    """ac: the recompute policy ("none" | "selective" | "full" | "auto"); compile_scope: None | "blocks" | "model"."""
+def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0):
+    """ac: the recompute policy ("none" | "selective" | "full" | "auto"); compile_scope: None | "blocks" | "model";
+    grad_clip: clip the gradient norm before the optimizer step (0: no clipping)."""
     cfg = TNLConfig.preset(name, activation_checkpointing=ac)
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -113,7 +117,7 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup):
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = step_fn(model, opt, x, y)
+        loss = step_fn(model, opt, x, y, grad_clip)
         torch.cuda.synchronize()
         losses.append(loss.item())
         if i >= warmup:
@@ -124,7 +128,7 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup):
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            step_fn(model, opt, x, y)
+            step_fn(model, opt, x, y, grad_clip)
         torch.cuda.synchronize()
     busy = 0.0
     kernels = {}
@@ -174,8 +178,12 @@ def main():
                     help="0: eager; 1 or blocks: compile each block; model: compile the whole model")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--grad-clip", type=float, default=1.0,
+                    help="gradient-norm clipping before the optimizer step, as train.py (optim.grad_clip); 0: none")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    if args.grad_clip < 0:
+        ap.error(f"--grad-clip must be >= 0, got {args.grad_clip}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_train.py needs a CUDA GPU")
     import triton
@@ -187,7 +195,7 @@ def main():
         for v in args.variants.split(","):
             ac, ce = parse_variant(v)
             try:
-                r = run_variant(name, args.T, args.B, ac, ce, scope, args.steps, args.warmup)
+                r = run_variant(name, args.T, args.B, ac, ce, scope, args.steps, args.warmup, args.grad_clip)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name} {v}: OOM", flush=True)
                 gc.collect()
@@ -202,7 +210,8 @@ def main():
     lines = [
         f"# Where a training step's time goes (B{args.B} T{args.T}, compiled: {scope or 'no'})", "",
         f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; date {datetime.date.today()}; "
-        f"bf16 autocast, fused AdamW; command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
+        f"bf16 autocast, fused AdamW, gradient clipping {args.grad_clip or 'off'}; "
+        f"command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
         "GPU ms per step by kernel category (torch profiler, mean of 2 steps); host gaps = step - GPU busy; "
         "optimizer (alone) = fused AdamW step timed separately; MFU = PaLM model FLOPs, HFU = + recompute, "
         "against 989 TFLOP/s; estimated GiB = seqpar.models.memory.step_memory_bytes.", "",
