@@ -240,6 +240,8 @@ def main():
                             # --ac auto: the baseline has no memory estimate; it gets full recompute when none fits
                             if args.ac != "auto" or kind.startswith("tnl"):
                                 raise
+                            r = None
+                        if r is None:  # retried outside the except block: its traceback held the failed run's tensors
                             gc.collect()
                             torch.cuda.empty_cache()
                             r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, "full",
