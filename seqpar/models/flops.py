@@ -19,10 +19,10 @@ from .config import TNLConfig
 
 __all__ = [
     "matmul_params", "attention_flops_per_token", "model_flops_per_token", "hardware_flops_per_token",
-    "peak_tflops", "mfu",
+    "peak_tflops", "mfu", "hfu", "recompute_of",
 ]
 
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
 
 
 def matmul_params(config: TNLConfig) -> int:
@@ -46,19 +46,33 @@ def model_flops_per_token(config: TNLConfig) -> float:
     return 6.0 * matmul_params(config) + attention_flops_per_token(config)
 
 
-def hardware_flops_per_token(config: TNLConfig, recompute: str = "none") -> float:
-    """FLOPs the hardware runs per token: model FLOPs plus the recomputed block forwards.
+def hardware_flops_per_token(config: TNLConfig, recompute: str = "none", seq_chunked: bool = False) -> float:
+    """FLOPs the hardware runs per token: model FLOPs plus what is recomputed.
 
-    ``recompute``: ``"none"`` or ``"full"`` (every block's forward runs again in the backward; the LM head
-    and loss are not recomputed by block checkpointing).
+    ``recompute``: the blocks' policy, ``"none"``, ``"selective"`` (keeps the GEMM and attention outputs and
+    recomputes elementwise work only, which adds no matmul FLOPs) or ``"full"`` (every block's forward runs
+    again in the backward; the LM head is not recomputed by block checkpointing). ``seq_chunked``: the
+    sequence-chunked path (``TNLConfig.seq_chunk``) recomputes each chunk's forward, blocks and head, in the
+    backward, and a "full" policy inside it recomputes the blocks once more.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
     flops = model_flops_per_token(config)
+    block_fwd = 2.0 * (matmul_params(config) - config.vocab_size * config.d_model)
+    block_fwd += attention_flops_per_token(config, backward=False)
+    if seq_chunked:
+        flops += block_fwd + 2.0 * config.vocab_size * config.d_model
     if recompute == "full":
-        block_params = matmul_params(config) - config.vocab_size * config.d_model
-        flops += 2.0 * block_params + attention_flops_per_token(config, backward=False)
+        flops += block_fwd
     return flops
+
+
+def recompute_of(model, batch_size: int, seq_len: int, like: Optional[torch.Tensor] = None) -> str:
+    """The recompute policy a training forward of [batch_size, seq_len] tokens of ``model`` (a TransNormerLLM)
+    runs: ``config.activation_checkpointing`` with "auto" resolved (per chunk of ``seq_chunk`` tokens when
+    the sequence is chunked)."""
+    C = model.config.seq_chunk
+    return model.activation_policy(batch_size, min(seq_len, C) if C else seq_len, like)
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by substring of torch.cuda.get_device_name().
@@ -91,3 +105,12 @@ def mfu(config: TNLConfig, tokens_per_gpu_per_s: float, peak: Optional[float]) -
     if not peak:
         return None
     return model_flops_per_token(config) * tokens_per_gpu_per_s / (peak * 1e12)
+
+
+def hfu(config: TNLConfig, tokens_per_gpu_per_s: float, peak: Optional[float], recompute: str = "none",
+        seq_chunked: bool = False) -> Optional[float]:
+    """Hardware FLOPs utilisation in [0, 1]: :func:`hardware_flops_per_token` at this rate (``None`` without a
+    known peak)."""
+    if not peak:
+        return None
+    return hardware_flops_per_token(config, recompute, seq_chunked) * tokens_per_gpu_per_s / (peak * 1e12)

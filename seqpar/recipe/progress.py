@@ -31,8 +31,10 @@ def _si(x: float) -> str:
 
 def format_step_line(step: int, loss: Optional[float], lr: Optional[float], grad_norm: Optional[float],
                      tokens_per_s: Optional[float], tokens_per_gpu_per_s: Optional[float],
-                     mfu: Optional[float] = None, mem_gib: Optional[float] = None) -> str:
-    """``step N | loss X | lr Y | grad-norm G | tokens/s T | tokens/GPU/s U [| MFU M% | mem P GiB]``."""
+                     mfu: Optional[float] = None, mem_gib: Optional[float] = None,
+                     hfu: Optional[float] = None) -> str:
+    """``step N | loss X | lr Y | grad-norm G | tokens/s T | tokens/GPU/s U [| MFU M%] [| HFU H%] [| mem P GiB]``
+    (HFU: recompute included; written when it differs from MFU)."""
     parts = [f"step {step}"]
     parts.append(f"loss {loss:.4f}" if loss is not None else "loss -")
     parts.append(f"lr {lr:.2e}" if lr is not None else "lr -")
@@ -41,6 +43,8 @@ def format_step_line(step: int, loss: Optional[float], lr: Optional[float], grad
     parts.append(f"tokens/GPU/s {_si(tokens_per_gpu_per_s)}" if tokens_per_gpu_per_s is not None else "tokens/GPU/s -")
     if mfu is not None:
         parts.append(f"MFU {100 * mfu:.1f}%")
+    if hfu is not None and (mfu is None or abs(hfu - mfu) > 5e-4):
+        parts.append(f"HFU {100 * hfu:.1f}%")
     if mem_gib is not None:
         parts.append(f"mem {mem_gib:.1f} GiB")
     return " | ".join(parts)
@@ -76,6 +80,11 @@ def _scalar(metrics: Dict[str, Any], key: str) -> Optional[float]:
         return None
     v = float(v.detach().float().cpu()) if isinstance(v, torch.Tensor) else float(v)
     return v if math.isfinite(v) else None
+
+
+def _autocast_bf16(trainer) -> bool:
+    """Whether the trainer runs bf16 autocast (the dtype the recompute policy was chosen for)."""
+    return str(getattr(trainer, "precision", "")).startswith("bf16")
 
 
 class StepLogger(pl.Callback):
@@ -157,14 +166,20 @@ class StepLogger(pl.Callback):
             return
         lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
         device = ids.device if isinstance(ids, torch.Tensor) else torch.device("cpu")
-        mfu = mem = None
+        mfu = hfu = mem = None
         if device.type == "cuda":
-            from seqpar.models.flops import mfu as mfu_fn, peak_tflops
+            from seqpar.models.flops import hfu as hfu_fn, mfu as mfu_fn, peak_tflops, recompute_of
 
             if self.model_config is not None:
-                mfu = mfu_fn(self.model_config, tpgs, peak_tflops(device))
+                peak = peak_tflops(device)
+                mfu = mfu_fn(self.model_config, tpgs, peak)
+                model = getattr(pl_module, "model", None)
+                if model is not None and hasattr(model, "activation_policy") and ids.dim() == 2:
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=_autocast_bf16(trainer)):
+                        policy = recompute_of(model, ids.shape[0], ids.shape[1], ids)
+                    hfu = hfu_fn(self.model_config, tpgs, peak, policy, bool(self.model_config.seq_chunk))
             mem = torch.cuda.max_memory_allocated(device) / 2**30
-        self._write(trainer, format_step_line(step, loss, lr, self._grad_norm, tps, tpgs, mfu, mem))
+        self._write(trainer, format_step_line(step, loss, lr, self._grad_norm, tps, tpgs, mfu, mem, hfu))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._step_seen is None:
