@@ -80,10 +80,10 @@ def _model_case(rank, mode, packed, ckpt, group, dev):
         reads = varlen.STATS["reads"]
         with torch._dynamo.config.patch(error_on_recompile=i > 0):  # new offsets, same graph
             l1, g1 = _grads(model, comp, x, y, cu)
-        if packed and i > 0:  # host reads of offsets: the global ones and the local ones (recomputed in the
-            # backward under checkpointing), not one per layer (the tiny model has 2)
+        if packed and i > 0:  # host reads of offsets in a step: 2, with or without recompute, however many layers
+            # (the tiny model has 2); per-layer local offsets made it 3 under selective recompute (4 with inductor)
             n = varlen.STATS["reads"] - reads
-            assert n <= 2 + bool(ckpt), f"{tag} {n} host reads of offsets in a step"
+            assert n <= 2, f"{tag} {n} host reads of offsets in a step"
         l0, g0 = _grads(model, step, x, y, cu)
         assert _rel(l1, l0) < loss_tol, f"{tag} batch {i} loss {l1} vs eager {l0}"
         lr = ref(full[0], labels=full[1], cu_seqlens=full[2], return_logits=False).loss  # the whole sequence
