@@ -153,10 +153,10 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ac = model.activation_policy(B, T, x)  # "auto" resolved for this shape
     est = step_memory_bytes(cfg, ac, B, T, compiled=compile_scope is not None) / 2**30
-    # selective recomputes no GEMM (and, compiled, not the attention op): its hardware FLOPs are those of "none"
+    # hardware FLOPs of the resolved policy ("selective" recomputes no GEMM: those of "none")
     r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, busy_ms=busy, cats=cats,
              mfu=model_flops_per_token(cfg) * tps / 989e12, est_gib=est,
-             hfu=hardware_flops_per_token(cfg, "full" if ac == "full" else "none") * tps / 989e12,
+             hfu=hardware_flops_per_token(cfg, ac) * tps / 989e12,
              peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1],
              top=sorted(((ms, k) for k, ms in kernels.items()
                          if category(k) not in ("GEMM", "lightning-attn")), reverse=True)[:12])

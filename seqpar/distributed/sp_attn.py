@@ -46,7 +46,7 @@ import torch
 
 from ..kernels.lightning_attn import lightning_attn
 from ..kernels.lightning_attn import varlen
-from ..kernels.lightning_attn.interface import validate_inputs
+from ..kernels.lightning_attn.interface import _static_backend, fwd_op, validate_inputs
 from . import comm
 from .sp_ops import check_global_cu_seqlens, sp_state_exchange
 
@@ -70,17 +70,17 @@ def _ranges(n: int, c: int = _CHUNK):
 # --------------------------------------------------------------------------------------------
 
 
-def _acc_sum(parts, like: torch.Tensor) -> torch.Tensor:
-    """Sum of a list of tensors, out of place (zeros of ``like``'s shape for an empty list)."""
+def _acc_sum(parts, none) -> torch.Tensor:
+    """Sum of a list of tensors, out of place; ``none()`` (the zeros it stands for) for an empty list."""
     total = None
     for p in parts:
         total = p if total is None else total + p
-    return torch.zeros_like(like) if total is None else total
+    return none() if total is None else total
 
 
-def _cat_rows(parts, like: torch.Tensor) -> torch.Tensor:
-    """Chunks along T concatenated (an empty ``like``-shaped tensor for no chunks)."""
-    return torch.cat(parts, 1) if parts else torch.empty_like(like)
+def _cat_rows(parts, none) -> torch.Tensor:
+    """Chunks along T concatenated; ``none()`` (an empty-T result) for no chunks."""
+    return torch.cat(parts, 1) if parts else none()
 
 
 # The helpers below build their results from per-chunk pieces, out of place: a traced (torch.compile)
@@ -101,7 +101,7 @@ class _SegmentState(torch.autograd.Function):
             kw = k[:, a:b].to(acc) * w[None, :, :, None]
             parts.append(torch.einsum("bthd,bthe->bhde", kw, v[:, a:b].to(acc)))
         ctx.save_for_backward(k, v, slopes)
-        return _acc_sum(parts, torch.empty(B, H, D, E, dtype=acc, device=k.device))
+        return _acc_sum(parts, lambda: torch.zeros(B, H, D, E, dtype=acc, device=k.device))
 
     @staticmethod
     def backward(ctx, dM):
@@ -124,9 +124,9 @@ class _SegmentState(torch.autograd.Function):
             if need_s:
                 # d/ds lambda^e = -e lambda^e
                 dss.append(-((kc * vdm).sum(-1) * w[..., 0] * e[None]).sum((0, 1)))
-        dk = _cat_rows(dks, k) if need_k else None
-        dv = _cat_rows(dvs, v) if need_v else None
-        ds = _acc_sum(dss, s).to(slopes.dtype) if need_s else None
+        dk = _cat_rows(dks, lambda: torch.empty_like(k)) if need_k else None
+        dv = _cat_rows(dvs, lambda: torch.empty_like(v)) if need_v else None
+        ds = _acc_sum(dss, lambda: torch.zeros_like(s)).to(slopes.dtype) if need_s else None
         return dk, dv, ds
 
 
@@ -146,7 +146,7 @@ class _StateCorrection(torch.autograd.Function):
             parts.append((torch.einsum("bthd,bhde->bthe", q[:, a:b].to(acc), Hs) * (w * scale)).to(q.dtype))
         ctx.save_for_backward(q, Hs, slopes)
         ctx.scale = scale
-        return _cat_rows(parts, torch.empty(B, T, H, E, dtype=q.dtype, device=q.device))
+        return _cat_rows(parts, lambda: torch.empty(B, T, H, E, dtype=q.dtype, device=q.device))
 
     @staticmethod
     def backward(ctx, dout):
@@ -170,9 +170,9 @@ class _StateCorrection(torch.autograd.Function):
             if need_s:
                 qh = torch.einsum("bthd,bhde->bthe", qc, Hs)
                 dss.append(-((qh * do).sum(-1) * w[..., 0] * e[None]).sum((0, 1)))
-        dq = _cat_rows(dqs, q) if need_q else None
-        dH = _acc_sum(dHs, Hs) if need_h else None
-        ds = _acc_sum(dss, s).to(slopes.dtype) if need_s else None
+        dq = _cat_rows(dqs, lambda: torch.empty_like(q)) if need_q else None
+        dH = _acc_sum(dHs, lambda: torch.zeros_like(Hs)) if need_h else None
+        ds = _acc_sum(dss, lambda: torch.zeros_like(s)).to(slopes.dtype) if need_s else None
         return dq, dH, ds, None
 
 
@@ -513,19 +513,6 @@ def _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offs
             raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {q.shape[0]}")
 
 
-def _local_op(q, k, v, slopes, scale, cu_seqlens, backend, cu_offset):
-    """The shard's own attention (zero initial state) through ``seqpar::lightning_attn_fwd``, given the global
-    offsets and the shard's first token ``cu_offset`` (-1 without cu_seqlens): the op derives the local offsets
-    once per cu_seqlens tensor and keeps them on it, so every layer and its backward share one plan."""
-    from ..kernels.lightning_attn.interface import _static_backend
-    from ..kernels.lightning_attn.ops import lightning_attn_fwd_op
-
-    slope_grad = torch.is_grad_enabled() and slopes.requires_grad
-    o, _, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, None, cu_seqlens, _static_backend(q, backend), slope_grad,
-                                    cu_offset)
-    return o
-
-
 def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard_offset):
     """:func:`sp_lightning_attn` as torch.compile traces it: no host read of a tensor, no work handle.
 
@@ -533,8 +520,8 @@ def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard
     which also runs the consistency-header check and the cu_seqlens validation at run time. The document
     structure of the shard is computed on the device from the global ``cu_seqlens``, with shapes that do not
     depend on its values: the local kernel gets ``clamp(cu_seqlens - offset, 0, T_local)`` (formed inside the
-    op, N+1 offsets, documents outside the shard empty), the shard's outgoing state M masks the tokens before the last local
-    document start, and the correction masks those from the first one on. Every rank applies the
+    op, N+1 offsets, documents outside the shard empty), the shard's outgoing state M masks the tokens before
+    the last local document start, and the correction masks those from the first one on. Every rank applies the
     correction to all its tokens (zero where masked, and on rank 0, whose H_0 = 0), so every rank traces
     the same graph and runs its collectives in the same order.
     """
@@ -543,8 +530,9 @@ def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard
     acc = _acc(q.dtype)
     scale = D ** -0.5 if scale is None else float(scale)
     off = (r * L if shard_offset is None else int(shard_offset)) if cu_seqlens is not None else -1
+    backend = _static_backend(q, backend)
     if P == 1:
-        return _local_op(q, k, v, slopes, scale, cu_seqlens, backend, off)
+        return fwd_op(q, k, v, slopes, scale, None, cu_seqlens, backend, off)[0]
     decay = torch.exp(-slopes.to(acc) * L)
     if cu_seqlens is None:
         M = _SegmentState.apply(k, v, slopes)
@@ -561,5 +549,7 @@ def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard
         qc = q * (t < first).to(q.dtype)[None, :, None, None]
     Hs = sp_state_exchange(M, a, slopes, cu_seqlens, scale, q.dtype, L,
                            -1 if shard_offset is None else int(shard_offset), g.group_name, mode, r, P)
-    o0 = _local_op(q, k, v, slopes, scale, cu_seqlens, backend, off)
+    # the local kernel gets the global offsets and the shard's first token: the op derives the local offsets
+    # once per cu_seqlens tensor and keeps them on it, so every layer and its backward share one plan
+    o0, _ = fwd_op(q, k, v, slopes, scale, None, cu_seqlens, backend, off)
     return o0 + _StateCorrection.apply(qc, Hs, slopes, scale)

@@ -179,12 +179,21 @@ def lightning_attn_as_op(q, k, v, slopes, scale=None, initial_state=None, output
         backend = _static_backend(q, backend)
     else:
         _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, ht = fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
+    return o, (ht if output_final_state else None)
+
+
+def fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend: str, cu_offset: int = -1):
+    """``seqpar::lightning_attn_fwd`` on checked inputs with a resolved backend: (o [B, T, H, E], ht [N, H, D, E]).
+    scale None: D**-0.5; the slopes' gradient is requested when they require one under grad mode. cu_offset:
+    see :func:`seqpar.kernels.lightning_attn.ops.lightning_attn_fwd_op` (global offsets of a shard)."""
     from .ops import lightning_attn_fwd_op
 
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     slope_grad = torch.is_grad_enabled() and slopes.requires_grad
-    o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad)
-    return o, (ht if output_final_state else None)
+    o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad,
+                                     cu_offset)
+    return o, ht
 
 
 def lightning_attn(
