@@ -50,7 +50,10 @@ def _full(t):
 
 
 TOLS = {  # (loss rtol, grad rtol, grad atol, param atol): fp32 on CPU; the Triton kernels' tf32 dots on GPU
-    "cpu": (2e-6, 1e-4, 1e-6, LR * 1e-2),  # param atol: 1% of one AdamW step (near-zero gradients)
+    # param atol: 5% of one AdamW step. Adam normalises each update by sqrt(v), so a near-zero gradient's
+    # reduction-order rounding (thread count, gloo ranks) moves its update by a fraction of lr: 1.5% seen on
+    # a 2-core machine. A missed or doubled step is 100%.
+    "cpu": (2e-6, 1e-4, 1e-6, LR * 5e-2),
     "cuda": (1e-4, 5e-3, 1e-5, LR * 5e-2),
 }
 
