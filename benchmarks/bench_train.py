@@ -169,6 +169,21 @@ def main():
             f"date {datetime.date.today()}; bf16 autocast, fused AdamW; command: `python benchmarks/bench_train.py "
             f"{' '.join(sys.argv[1:])}`\n\n")
     rows = []
+    tag = ("longest_offload" if args.offload else "longest") if args.longest else "throughput"
+    if args.longest and args.seq_chunk:
+        tag = f"longest_chunk{args.seq_chunk}_ac{ {'none': '0', 'full': '1'}.get(args.ac, args.ac)}"
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"train_{tag}_{dev.replace(' ', '_')}.md")
+
+    def flush_table(row=None) -> str:
+        """Print row (if any) and rewrite the table file with every row so far: a run cut short keeps its rows."""
+        if row is not None:
+            print(row, flush=True)
+        table = head + "\n".join(rows) + "\n"
+        with open(path, "w") as f:
+            f.write(table)
+        return table
+
     if args.longest and args.seq_chunk:
         head += ("| model | T (B=1) | seq_chunk | block ckpt | step ms | tokens/s | vs 32K unchunked | peak GiB |\n"
                  "|---|---|---|---|---|---|---|---|\n")
@@ -177,7 +192,7 @@ def main():
             ref = run_one("tnl", cfg, 32768, 32768, steps=3, warmup=1, ac=True, peak_tflops=args.peak_tflops)
             rows.append(f"| {name} | 32768 | none | yes | {ref['step_ms']:.0f} | {ref['tps']:.0f} | 1.00 | "
                         f"{ref['peak_gib']:.1f} |")
-            print(rows[-1], flush=True)
+            flush_table(rows[-1])
             T = args.start_tokens
             while T <= args.max_tokens:
                 try:
@@ -187,12 +202,12 @@ def main():
                                 f"{r['tps']:.0f} | {r['tps'] / ref['tps']:.2f} | {r['peak_gib']:.1f} |")
                 except torch.cuda.OutOfMemoryError as e:
                     rows.append(f"| {name} | {T} | {args.seq_chunk} | {args.ac} | OOM ({type(e).__name__}) | | | |")
-                    print(rows[-1], flush=True)
+                    flush_table(rows[-1])
                     break
                 finally:
                     gc.collect()
                     torch.cuda.empty_cache()
-                print(rows[-1], flush=True)
+                flush_table(rows[-1])
                 T *= 2
     elif args.longest:
         head += "| model | T (B=1) | step ms | tokens/s | peak GiB |\n|---|---|---|---|---|\n"
@@ -212,7 +227,7 @@ def main():
                 finally:
                     gc.collect()
                     torch.cuda.empty_cache()
-                print(rows[-1], flush=True)
+                flush_table(rows[-1])
                 T *= 2
     else:
         head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | HFU | peak GiB | loss, step 1 |\n"
@@ -232,6 +247,7 @@ def main():
                              "tnl+model": "Lightning Attention-2 (seqpar), model compiled",
                              "llama+model": "softmax, torch SDPA, model compiled"}[kind]
                     scope = "model" if kind.endswith("model") else kind.endswith("compile")
+                    model_name = name if kind.startswith("tnl") else f"LLaMA, {name}'s size"
                     try:
                         try:
                             r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, args.ac,
@@ -247,24 +263,16 @@ def main():
                             r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, "full",
                                         args.peak_tflops, compile_blocks=scope)
                         label = f"{label}, recompute {r['policy']}"
-                        rows.append(f"| {name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
+                        rows.append(f"| {model_name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
                                     f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")
                     except torch.cuda.OutOfMemoryError:
                         label = f"{label}, recompute {args.ac}"
-                        rows.append(f"| {name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | |")
+                        rows.append(f"| {model_name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | |")
                     finally:
                         gc.collect()
                         torch.cuda.empty_cache()
-                    print(rows[-1], flush=True)
-    table = head + "\n".join(rows) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    tag = ("longest_offload" if args.offload else "longest") if args.longest else "throughput"
-    if args.longest and args.seq_chunk:
-        tag = f"longest_chunk{args.seq_chunk}_ac{ {'none': '0', 'full': '1'}.get(args.ac, args.ac)}"
-    path = os.path.join(args.out, f"train_{tag}_{dev.replace(' ', '_')}.md")
-    with open(path, "w") as f:
-        f.write(table)
-    print(table)
+                    flush_table(rows[-1])
+    print(flush_table())
     print(f"wrote {path}")
 
 

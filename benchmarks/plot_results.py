@@ -42,7 +42,7 @@ def device_of(path):
 def plot_train(path):
     series = {}
     for r in rows(path):
-        if len(r) not in (8, 9) or not r[2].isdigit() or not r[5].isdigit():
+        if len(r) not in (8, 9, 10) or not r[2].isdigit() or not r[5].isdigit():
             continue
         model, attn, T, tps = r[0], r[1], int(r[2]), float(r[5])
         pts = series.setdefault((model, attn), [])

@@ -16,6 +16,7 @@ noise). Writes a table to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -68,7 +69,29 @@ def train(path: str, model_name: str, B: int, T: int, steps: int, seed: int, lr:
         losses.append(loss.detach())
     losses = [x.item() for x in losses]
     return dict(path=path, seed=seed, final=float(np.mean(losses[-10:])), first=losses[0],
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, losses=losses)
+
+
+def plot(rows, path: str, title: str) -> bool:
+    """Loss curves (10-step running mean) of every path and seed into a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        y = np.convolve(r["losses"], np.ones(10) / 10, mode="valid")
+        ax.plot(np.arange(10, len(r["losses"]) + 1), y, ls="-" if r["path"] == "fast" else "--",
+                label=f"{r['path']}, seed {r['seed']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (10-step mean)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
 
 
 def main():
@@ -99,13 +122,24 @@ def main():
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     lines = report.header(f"Loss parity: fast path vs eager path, {args.model} B{args.B} T{args.T}, {args.steps} steps",
                           "speed_parity.py", name)
-    lines += ["| path | seed | loss, step 1 | mean loss, last 10 steps | seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['path']} | {r['seed']} | {r['first']:.4f} | {r['final']:.4f} | {r['seconds']:.0f} |" for r in rows]
+    marks = sorted({m for m in (args.steps // 4, args.steps // 2, 3 * args.steps // 4) if m >= 10})
+    lines += ["| path | seed | loss, step 1 | " + " | ".join(f"mean loss, steps {m - 9}-{m}" for m in marks)
+              + " | mean loss, last 10 steps | seconds |", "|---|---|---|" + "---|" * len(marks) + "---|---|"]
+    lines += [f"| {r['path']} | {r['seed']} | {r['first']:.4f} | "
+              + "".join(f"{np.mean(r['losses'][m - 10:m]):.4f} | " for m in marks)
+              + f"{r['final']:.4f} | {r['seconds']:.0f} |" for r in rows]
     lines += ["", f"|fast - eager| per seed: {', '.join(f'{d:.4f}' for d in path_diff)}; "
               f"spread over seeds (max - min) per path, eager / fast: {' / '.join(f'{d:.4f}' for d in seed_diff) or 'n/a'}; "
               f"mean of each path: {np.mean([by[('eager', s)] for s in seeds]):.4f} / "
               f"{np.mean([by[('fast', s)] for s in seeds]):.4f}"]
-    out = report.write(args.out, f"speed_parity_{args.model}_T{args.T}_{args.steps}steps.md", lines)
+    stem = f"speed_parity_{args.model}_T{args.T}_{args.steps}steps_lr{args.lr:g}"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:  # the curves, for re-plotting
+        json.dump([{k: r[k] for k in ("path", "seed", "losses")} for r in rows], f)
+    png = os.path.join(args.out, stem + ".png")
+    if plot(rows, png, f"{args.model} B{args.B} T{args.T}, lr {args.lr:g}: fast vs eager ({name})"):
+        lines += ["", f"Curves: {os.path.basename(png)}"]
+    out = report.write(args.out, stem + ".md", lines)
     print(f"wrote {out}")
 
 
