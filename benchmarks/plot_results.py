@@ -59,7 +59,7 @@ def plot_train(path):
     ax.set_ylim(bottom=0)
     ax.set_title(f"Training speed vs length, one {device_of(path)}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
     out = path[:-3] + ".png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
