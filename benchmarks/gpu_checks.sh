@@ -21,9 +21,8 @@
 #                                           fixed-slope times, bench_train 2K/32K/128K vs compiled LLaMA
 #   bash benchmarks/gpu_checks.sh s4        SP under torch.compile on the GPU (3 processes), segment lengths rounded to powers
 #                                           of two (kernel times), bare loop with clipping vs train.py at 32K
-#   bash benchmarks/gpu_checks.sh s5a       SP compile GPU test (host reads fix), loss parity at lr 2e-4 (3 seeds, curves),
-#                                           kernel regression vs SDPA
-#   bash benchmarks/gpu_checks.sh s5b       SP compile GPU tests (longer limit), T=2K eager vs CUDA graph and host cost
+#   bash benchmarks/gpu_checks.sh s5a       loss parity at lr 2e-4 (3 seeds, curves), kernel regression vs SDPA
+#   bash benchmarks/gpu_checks.sh s5b       SP compile GPU tests (host reads fix; ~2 min), T=2K eager vs CUDA graph and host cost
 #   bash benchmarks/gpu_checks.sh s5c       bench_train 2K/32K/128K vs compiled LLaMA (the baseline's full-recompute retry
 #                                           outside the OOM handler), tnl-1b profile at 32K
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
@@ -163,8 +162,6 @@ if [[ $what == s4 ]]; then
     trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r04s4 2>&1 | grep -E "^step|done|Error" | tail -4
 fi
 if [[ $what == s5a ]]; then
-  timeout 130 python3 -m pytest -q -p no:cacheprovider tests/distributed/test_sp_compile.py -k gpu 2>&1 \
-    | tee "$OUT/gpu_tests_sp_compile.log" | grep -E "Error|assert |passed|failed" | head -12
   timeout 300 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1,2 --lr 2e-4 \
     --out "$OUT" 2>&1 | grep -E "^\||fast -|seed" | tail -14
   timeout 100 python3 benchmarks/bench_kernel.py --impls seqpar,sdpa --shapes 4,16,2048,128 4,16,32768,128 \
