@@ -1,12 +1,20 @@
-"""One TransNormerLLM block's pieces on the GPU, fwd+bwd, bf16 autocast: what the step's non-attention time costs.
+"""One TransNormerLLM block on the GPU, fwd+bwd, bf16 autocast: what the step's non-attention time costs, and the
+GEMMs it runs, alone.
 
-Rows (each timed with triton.testing.do_bench, median ms, T tokens, B = 1):
-    block, residual fp32 / bf16   one compiled TNLBlock fed an fp32 / bf16 residual stream (x + a keeps x's dtype)
-    projections q,k,v,u           four [d -> inner] linears vs one [d -> 4 inner] linear of the concatenated weights
-    SGLU w1,w2                    two [d -> g] linears vs one [d -> 2 g] linear of the concatenated weights
-GEMM rows report TFLOP/s (6 x tokens x weights for fwd+bwd).
+Block rows (one compiled TNLBlock, B = 1, T tokens, median ms of triton.testing.do_bench):
+    residual fp32 / bf16   the block fed an fp32 (today's default under autocast) or a bf16 residual stream
+    gemms                  how the block's projections reach the GEMMs (weights concatenated per call, which
+                           under autocast fuses into the weights' bf16 cast; parameters unchanged):
+                             separate   seven GEMMs per block forward (q, k, v, u, o, w1, w2, w3: eight)
+                             qku        q, k, u as one [d -> 3 inner] GEMM, v alone (v stays contiguous)
+                             qkvu       q, k, v, u as one [d -> 4 inner] GEMM
+                             glu        w1, w2 as one [d -> 2 g] GEMM
+                             qku+glu, qkvu+glu  both
+GEMM rows: each GEMM of a block step alone (bf16 in, bf16 out, no autocast), forward Y = X W^T, input gradient
+dX = dY W and weight gradient dW = dY^T X, at M = B*T rows, with TFLOP/s (2 M N K per GEMM).
 
     python benchmarks/bench_block.py --model tnl-0.4b --T 32768
+    python benchmarks/bench_block.py --model tnl-0.4b --T 32768 --variants separate,qku+glu --gemm-rows 131072
 """
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ import report  # noqa: E402
 
 from seqpar.models import TNLConfig  # noqa: E402
 from seqpar.models.transnormer import TNLBlock  # noqa: E402
+
+VARIANTS = ("separate", "qku", "qkvu", "glu", "qku+glu", "qkvu+glu")
 
 
 def bench(fn, warmup=10, rep=50) -> float:
@@ -40,49 +50,104 @@ def fwd_bwd(f, *inputs):
     return run
 
 
+def _linear_cat(x, mods):
+    """One GEMM of x [.., d] with the row-concatenated weights of ``mods`` -> the outputs split per module."""
+    w = torch.cat([m.weight for m in mods])
+    b = torch.cat([m.bias for m in mods]) if mods[0].bias is not None else None
+    return F.linear(x, w, b).split([m.out_features for m in mods], -1)
+
+
+def merged_block(cfg, variant: str) -> TNLBlock:
+    """A TNLBlock whose projections run as ``variant`` says (see the module docstring); same parameters."""
+    block = TNLBlock(cfg, 0)
+    att, glu = block.token_mixer, block.channel_mixer
+    if "qk" in variant:
+        def qkvu(x, att=att, with_v="qkvu" in variant):
+            shape = x.shape[:-1] + (att.n_heads, att.head_dim)
+            if with_v:
+                q, k, v, u = _linear_cat(x, [att.q_proj, att.k_proj, att.v_proj, att.u_proj])
+                v = v.contiguous()
+            else:
+                q, k, u = _linear_cat(x, [att.q_proj, att.k_proj, att.u_proj])
+                v = att.v_proj(x)
+            return att.qk_act(q).view(shape), att.qk_act(k).view(shape), v.view(shape), att.gate_act(u)
+        att._qkvu = qkvu
+    if "glu" in variant:
+        def sglu(x, glu=glu):
+            a, b = _linear_cat(x, [glu.w1, glu.w2])
+            return glu.w3(a * b)
+        glu.forward = sglu
+    return block
+
+
+def gemm_rows(cfg, M, dev):
+    """(label, ms, TFLOP/s) of each GEMM of a block step alone, at M rows."""
+    d, inner, g = cfg.d_model, cfg.inner_dim, cfg.glu_dim
+    shapes = [(d, inner, "q|k|v|u|o-in"), (d, 3 * inner, "qku merged"), (d, 4 * inner, "qkvu merged"),
+              (d, g, "w1|w2"), (d, 2 * g, "w1w2 merged"), (inner, d, "o"), (g, d, "w3")]
+    out = []
+    for K, N, name in shapes:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        flops = 2 * M * N * K
+        for kind, fn in (("fwd X W^T", lambda: x @ w.t()), ("dgrad dY W", lambda: dy @ w),
+                         ("wgrad dY^T X", lambda: dy.t() @ x)):
+            ms = bench(fn)
+            out.append((f"{name} [{K} -> {N}], {kind}", ms, flops / ms / 1e9))
+        del x, w, dy
+    return out
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tnl-0.4b")
     ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--residuals", default="float32,bfloat16", help="comma list of float32, bfloat16")
+    ap.add_argument("--gemm-rows", default="", help="comma list of M for the GEMM rows (default: T)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    residuals = []
+    for r in args.residuals.split(","):
+        if r not in ("float32", "bfloat16"):
+            ap.error(f"--residuals: {r!r} is not float32 or bfloat16")
+        residuals.append(getattr(torch, r))
+    try:
+        ms_rows = [int(m) for m in args.gemm_rows.split(",")] if args.gemm_rows else [args.T]
+    except ValueError:
+        ap.error(f"--gemm-rows must be a comma list of ints, got {args.gemm_rows!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_block.py needs a CUDA GPU")
     cfg = TNLConfig.preset(args.model)
-    d, inner, g, T = cfg.d_model, cfg.inner_dim, cfg.glu_dim, args.T
-    dev = "cuda"
-    rows = []
-
-    block = TNLBlock(cfg, 0).to(dev)
-    block.compile(dynamic=False)
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(1, T, d, device=dev, dtype=dtype, requires_grad=True)
-        ms = bench(fwd_bwd(lambda x: block(x)[0], x))
-        rows.append(f"| block (compiled), residual {str(dtype).split('.')[-1]} | {ms:.3f} | |")
-        print(rows[-1], flush=True)
-        del x
-
-    x = torch.randn(T, d, device=dev, requires_grad=True)
-
-    def gemm_rows(name, n_out, parts):
-        ws = [torch.nn.Parameter(torch.randn(n_out, d, device=dev) * 0.02) for _ in range(parts)]
-        flops = 6 * T * d * n_out * parts
-        sep = bench(fwd_bwd(lambda x: [F.linear(x, w) for w in ws], x))
-        cat = bench(fwd_bwd(lambda x: F.linear(x, torch.cat(ws)).split(n_out, -1), x))
-        labels = (f"{parts} x [{d} -> {n_out}]", f"1 x [{d} -> {parts * n_out}] (weights cat per call)")
-        for label, ms in zip(labels, (sep, cat)):
-            rows.append(f"| {name}: {label} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
-            print(rows[-1], flush=True)
-
-    gemm_rows("projections q,k,v,u", inner, 4)
-    gemm_rows("SGLU w1,w2", g, 2)
-    wo = torch.nn.Parameter(torch.randn(d, g, device=dev) * 0.02)
-    xg = torch.randn(T, g, device=dev, requires_grad=True)
-    ms = bench(fwd_bwd(lambda xg: F.linear(xg, wo), xg))
-    rows.append(f"| SGLU w3: 1 x [{g} -> {d}] | {ms:.3f} | {6 * T * d * g / ms / 1e9:.0f} |")
-    print(rows[-1], flush=True)
-
-    lines = report.header(f"Block pieces, {args.model}, T={T}, fwd+bwd, bf16 autocast", "bench_block.py")
-    lines += ["| piece | ms | TFLOP/s |", "|---|---|---|"] + rows
-    report.write(args.out, f"block_pieces_{args.model}_T{T}.md", lines)
+    dev, T = "cuda", args.T
+    lines = report.header(f"One block, {args.model}, T={T}, fwd+bwd, bf16 autocast", "bench_block.py")
+    lines += ["| block (compiled) | residual | ms | vs separate, same residual |", "|---|---|---|---|"]
+    base = {}
+    for variant in variants:
+        torch._dynamo.reset()
+        block = merged_block(cfg, variant).to(dev)
+        block.compile(dynamic=False)
+        for dtype in residuals:
+            x = torch.randn(1, T, cfg.d_model, device=dev, dtype=dtype, requires_grad=True)
+            ms = bench(fwd_bwd(lambda x: block(x)[0], x))
+            name = str(dtype).split(".")[-1]
+            base.setdefault(name, ms if variant == "separate" else None)
+            rel = f"{ms / base[name]:.3f}" if base.get(name) else ""
+            lines.append(f"| {variant} | {name} | {ms:.3f} | {rel} |")
+            print(lines[-1], flush=True)
+            del x
+        del block
+    lines += ["", "| GEMM alone (bf16) | M | ms | TFLOP/s |", "|---|---|---|---|"]
+    for M in ms_rows:
+        for label, ms, tf in gemm_rows(cfg, M, dev):
+            lines.append(f"| {label} | {M} | {ms:.3f} | {tf:.0f} |")
+            print(lines[-1], flush=True)
+    report.write(args.out, f"block_variants_{args.model}_T{T}.md", lines)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@
 #   bash benchmarks/gpu_checks.sh s5b       SP compile GPU tests (host reads fix; ~2 min), T=2K eager vs CUDA graph and host cost
 #   bash benchmarks/gpu_checks.sh s5c       bench_train 2K/32K/128K vs compiled LLaMA (the baseline's full-recompute retry
 #                                           outside the OOM handler), tnl-1b profile at 32K
+#   bash benchmarks/gpu_checks.sh s6a       one block's GEMM layouts x residual dtype (tnl-0.4b, tnl-1b at 32K), GEMMs alone
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -178,6 +179,12 @@ if [[ $what == s5c ]]; then
     --steps 2 --warmup 1 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -8
   timeout 130 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model \
     --steps 3 --warmup 2 --out "$OUT" 2>&1 | grep -E "^tnl"
+fi
+if [[ $what == s6a ]]; then
+  timeout 300 python3 benchmarks/bench_block.py --model tnl-0.4b --T 32768 --gemm-rows 32768,131072 --out "$OUT" \
+    2>&1 | grep -E "^\|"
+  timeout 200 python3 benchmarks/bench_block.py --model tnl-1b --T 32768 --variants separate,qku+glu,qkvu+glu \
+    --out "$OUT" 2>&1 | grep -E "^\|"
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
