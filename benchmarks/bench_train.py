@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from llama_baseline import LlamaLM, attention_flops_per_token  # noqa: E402
+import report  # noqa: E402
 
 from seqpar.models import TNLConfig, TransNormerLLM  # noqa: E402
 from seqpar.models.flops import attention_flops_per_token as tnl_attention_flops  # noqa: E402
@@ -74,7 +75,7 @@ def build(kind: str, cfg: TNLConfig, ac, compile_blocks: bool = False, offload: 
     else:
         d, glu = cfg.d_model, cfg.glu_dim
         model = LlamaLM(cfg.vocab_size, d, cfg.n_layers, cfg.n_heads, hidden=glu + d // 3,
-                        activation_checkpointing=ac == "full")
+                        activation_checkpointing=ac == "full", residual_dtype=cfg.residual_dtype)
         if compile_blocks == "model":  # the baseline compiled the same way
             model.compile()
         elif compile_blocks:
@@ -160,8 +161,12 @@ def main():
     ap.add_argument("--offload", action="store_true", help="--longest with activation_offload (block inputs in host memory)")
     ap.add_argument("--seq-chunk", type=int, default=None, help="--longest with TNLConfig.seq_chunk = C tokens")
     ap.add_argument("--start-tokens", type=int, default=1 << 17, help="--longest: first T (doubled until OOM)")
+    ap.add_argument("--set", default="", help="TNLConfig overrides, e.g. residual_dtype=autocast (the LLaMA "
+                    "baseline follows residual_dtype)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    overrides = report.parse_overrides(args.set)
+    TNLConfig.preset("tiny", **overrides)  # a bad override fails here, before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
     dev = torch.cuda.get_device_name()
@@ -188,7 +193,7 @@ def main():
         head += ("| model | T (B=1) | seq_chunk | block ckpt | step ms | tokens/s | vs 32K unchunked | peak GiB |\n"
                  "|---|---|---|---|---|---|---|---|\n")
         for name in args.models.split(","):
-            cfg = TNLConfig.preset(name)
+            cfg = TNLConfig.preset(name, **overrides)
             ref = run_one("tnl", cfg, 32768, 32768, steps=3, warmup=1, ac=True, peak_tflops=args.peak_tflops)
             rows.append(f"| {name} | 32768 | none | yes | {ref['step_ms']:.0f} | {ref['tps']:.0f} | 1.00 | "
                         f"{ref['peak_gib']:.1f} |")
@@ -212,7 +217,7 @@ def main():
     elif args.longest:
         head += "| model | T (B=1) | step ms | tokens/s | peak GiB |\n|---|---|---|---|---|\n"
         for name in args.models.split(","):
-            cfg = TNLConfig.preset(name)
+            cfg = TNLConfig.preset(name, **overrides)
             T = args.start_tokens
             while T <= args.max_tokens:
                 try:
@@ -238,7 +243,7 @@ def main():
             kinds += {"0": ["llama"], "1": ["llama+compile"], "both": ["llama", "llama+compile"],
                       "model": ["llama+model"]}[args.compile]
         for name in args.models.split(","):
-            cfg = TNLConfig.preset(name)
+            cfg = TNLConfig.preset(name, **overrides)
             for T in [int(t) for t in args.lengths.split(",")]:
                 for kind in kinds:
                     label = {"tnl": "Lightning Attention-2 (seqpar)", "llama": "softmax, torch SDPA",

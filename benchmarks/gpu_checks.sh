@@ -26,6 +26,9 @@
 #   bash benchmarks/gpu_checks.sh s5c       bench_train 2K/32K/128K vs compiled LLaMA (the baseline's full-recompute retry
 #                                           outside the OOM handler), tnl-1b profile at 32K
 #   bash benchmarks/gpu_checks.sh s6a       one block's GEMM layouts x residual dtype (tnl-0.4b, tnl-1b at 32K), GEMMs alone
+#   bash benchmarks/gpu_checks.sh s6b       tnl-0.4b step profile at 32K: fp32 vs bf16 residual, and bf16 + max-autotune
+#   bash benchmarks/gpu_checks.sh s6c       loss parity of the bf16 residual (presets' default now) vs the fp32 eager path;
+#                                           bench_train 2K/32K/128K; tnl-1b profile at 32K
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -185,6 +188,21 @@ if [[ $what == s6a ]]; then
     2>&1 | grep -E "^\|"
   timeout 200 python3 benchmarks/bench_block.py --model tnl-1b --T 32768 --variants separate,qku+glu,qkvu+glu \
     --out "$OUT" 2>&1 | grep -E "^\|"
+fi
+if [[ $what == s6b ]]; then
+  P="benchmarks/profile_train.py --models tnl-0.4b --T 32768 --variants ac0-fused --compile model --steps 3 --warmup 2"
+  timeout 150 python3 $P --tag _s6_residual_param --out "$OUT" 2>&1 | grep -E "^tnl"
+  timeout 150 python3 $P --set residual_dtype=autocast --tag _s6_residual_autocast --out "$OUT" 2>&1 | grep -E "^tnl"
+  timeout 280 python3 $P --set residual_dtype=autocast --compile-mode max-autotune-no-cudagraphs \
+    --tag _s6_residual_autocast_max_autotune --out "$OUT" 2>&1 | grep -E "^tnl"
+fi
+if [[ $what == s6c ]]; then
+  timeout 240 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1,2 --lr 2e-4 \
+    --out "$OUT" 2>&1 | tail -4
+  timeout 240 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
+    --steps 2 --warmup 1 --ac auto --compile model --baseline none --out "$OUT" 2>&1 | grep -E "^\|" | tail -4
+  timeout 100 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model \
+    --steps 3 --warmup 2 --tag _s6_residual_autocast --out "$OUT" 2>&1 | grep -E "^tnl"
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

@@ -58,8 +58,11 @@ class LlamaLM(nn.Module):
     """input_ids [B, T] -> loss against labels [B, T] (already shifted, -100 ignored)."""
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, hidden: int,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, residual_dtype: str = "param"):
+        """residual_dtype: as TNLConfig.residual_dtype ("param" | "autocast": the residual stream in the
+        autocast dtype while autocast is on)."""
         super().__init__()
+        self.residual_dtype = residual_dtype
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, hidden) for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
@@ -72,6 +75,8 @@ class LlamaLM(nn.Module):
 
     def forward(self, input_ids, labels):
         x = self.embed(input_ids)
+        if self.residual_dtype == "autocast" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for blk in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)

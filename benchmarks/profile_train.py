@@ -95,19 +95,21 @@ def step_fn(model, opt, x, y, grad_clip=0.0):
     return loss
 
 
-def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0):
+def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0, overrides=None, compile_mode=None):
     """ac: the recompute policy ("none" | "selective" | "full" | "auto"); compile_scope: None | "blocks" | "model";
-    grad_clip: clip the gradient norm before the optimizer step (0: no clipping)."""
-    cfg = TNLConfig.preset(name, activation_checkpointing=ac)
+    grad_clip: clip the gradient norm before the optimizer step (0: no clipping); overrides: TNLConfig fields;
+    compile_mode: torch.compile's ``mode`` (None: the default)."""
+    cfg = TNLConfig.preset(name, **{**(overrides or {}), "activation_checkpointing": ac})
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = TransNormerLLM(cfg).cuda()
     if ce == "ckpt":
         model._chunked_ce_sum = old_ce_sum.__get__(model)
+    kw = {"mode": compile_mode} if compile_mode else {}
     if compile_scope == "blocks":
-        model.compile_blocks()
+        model.compile_blocks(**kw)
     elif compile_scope == "model":
-        model.compile_model()
+        model.compile_model(**kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
@@ -180,6 +182,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--grad-clip", type=float, default=1.0,
                     help="gradient-norm clipping before the optimizer step, as train.py (optim.grad_clip); 0: none")
+    ap.add_argument("--set", default="", help="TNLConfig overrides for every run, e.g. residual_dtype=autocast")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     if args.grad_clip < 0:
@@ -190,12 +195,18 @@ def main():
 
     dev = torch.cuda.get_device_name()
     scope = {"0": None, "1": "blocks"}.get(args.compile, args.compile)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import report
+
+    overrides = report.parse_overrides(args.set)
+    TNLConfig.preset("tiny", **overrides)  # a bad override fails here, before any GPU work
     results = []
     for name in args.models.split(","):
         for v in args.variants.split(","):
             ac, ce = parse_variant(v)
             try:
-                r = run_variant(name, args.T, args.B, ac, ce, scope, args.steps, args.warmup, args.grad_clip)
+                r = run_variant(name, args.T, args.B, ac, ce, scope, args.steps, args.warmup, args.grad_clip,
+                                overrides, args.compile_mode)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name} {v}: OOM", flush=True)
                 gc.collect()
@@ -233,7 +244,7 @@ def main():
         lines += [f"| {ms:.2f} | {category(k)} | `{k[:110]}` |" for ms, k in r["top"]]
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"profile_train_{dev.replace(' ', '_')}_T{args.T}.md")
+    path = os.path.join(args.out, f"profile_train_{dev.replace(' ', '_')}_T{args.T}{args.tag}.md")
     with open(path, "w") as f:
         f.write(table)
     print(table)

@@ -30,3 +30,28 @@ def write(out_dir: str, filename: str, lines: List[str]) -> str:
         f.write(text)
     print(text)
     return path
+
+
+def parse_overrides(text: str, flag: str = "--set") -> dict:
+    """'key=value,key2=value2' -> {key: value} with ints, floats, true/false and none parsed (TNLConfig overrides).
+    Raises SystemExit naming ``flag`` on an item without '='."""
+    out = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag}: {item!r} is not key=value")
+        low = raw.lower()
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw
+        out[key.strip()] = value
+    return out

@@ -5,8 +5,10 @@ Trains the same model from the same seed on the embedded corpus (byte tokens, th
 schedule, and compares the mean loss of the last 10 steps. Paths:
 
     eager       no torch.compile; the head before seqpar.kernels.linear_ce (lm head + fp32 cross entropy per
-                chunk under torch.utils.checkpoint, recomputed in the backward)
-    fast        the whole model under torch.compile (``compile_model``) with the fused linear + CE head
+                chunk under torch.utils.checkpoint, recomputed in the backward); an fp32 residual stream
+                (``residual_dtype="param"``)
+    fast        the whole model under torch.compile (``compile_model``) with the fused linear + CE head, the
+                preset's residual stream (bf16 for the sized presets) and the TNLConfig overrides of ``--fast-set``
 
 The difference between paths is judged against the difference between seeds of one path (run-to-run
 noise). Writes a table to ``--out``.
@@ -42,10 +44,11 @@ def batches(tokens: np.ndarray, B: int, T: int, steps: int, seed: int):
 
 
 def train(path: str, model_name: str, B: int, T: int, steps: int, seed: int, lr: float, tokens: np.ndarray,
-          dev: str):
+          dev: str, overrides=None):
+    """overrides: TNLConfig fields of this path (the fast path's --fast-set)."""
     torch.manual_seed(seed)
     torch._dynamo.reset()
-    cfg = TNLConfig.preset(model_name)
+    cfg = TNLConfig.preset(model_name, **(overrides or {}))
     model = TransNormerLLM(cfg).to(dev)
     if path == "eager":
         model._chunked_ce_sum = old_ce_sum.__get__(model)
@@ -102,14 +105,18 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--fast-set", default="", help="TNLConfig overrides of the fast path, e.g. residual_dtype=autocast")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    fast_set = report.parse_overrides(args.fast_set, "--fast-set")
+    TNLConfig.preset(args.model, **fast_set)  # a bad override fails here
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = load_corpus()
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for path in ("eager", "fast"):
-            r = train(path, args.model, args.B, args.T, args.steps, seed, args.lr, tokens, dev)
+            r = train(path, args.model, args.B, args.T, args.steps, seed, args.lr, tokens, dev,
+                      fast_set if path == "fast" else {"residual_dtype": "param"})
             rows.append(r)
             print(f"{path} seed {seed}: first {r['first']:.4f}, last-10 mean {r['final']:.4f}, {r['seconds']:.0f} s",
                   flush=True)
@@ -122,6 +129,10 @@ def main():
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     lines = report.header(f"Loss parity: fast path vs eager path, {args.model} B{args.B} T{args.T}, {args.steps} steps",
                           "speed_parity.py", name)
+    fast_cfg = TNLConfig.preset(args.model, **fast_set)
+    lines += [f"Residual stream: eager fp32 (residual_dtype=param), fast residual_dtype={fast_cfg.residual_dtype}"
+              + (f"; the fast path's overrides: {', '.join(f'{k}={v}' for k, v in fast_set.items())}" if fast_set else "")
+              + ".", ""]
     marks = sorted({m for m in (args.steps // 4, args.steps // 2, 3 * args.steps // 4) if m >= 10})
     lines += ["| path | seed | loss, step 1 | " + " | ".join(f"mean loss, steps {m - 9}-{m}" for m in marks)
               + " | mean loss, last 10 steps | seconds |", "|---|---|---|" + "---|" * len(marks) + "---|---|"]
@@ -133,6 +144,8 @@ def main():
               f"mean of each path: {np.mean([by[('eager', s)] for s in seeds]):.4f} / "
               f"{np.mean([by[('fast', s)] for s in seeds]):.4f}"]
     stem = f"speed_parity_{args.model}_T{args.T}_{args.steps}steps_lr{args.lr:g}"
+    stem += f"_fast-residual-{fast_cfg.residual_dtype}" + "".join(f"_{k}-{v}" for k, v in fast_set.items()
+                                                                      if k != "residual_dtype")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, stem + ".json"), "w") as f:  # the curves, for re-plotting
         json.dump([{k: r[k] for k in ("path", "seed", "losses")} for r in rows], f)

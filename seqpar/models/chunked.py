@@ -104,7 +104,7 @@ def _run_layers(model, ids_c, cu_c, states_in, want_ht: bool, ckpt: str):
     states_in: per layer the carried state or None (zero); with cu_c the states are those of the
     chunk's first document ([1, H, D, E]) and the returned ones those of its last document.
     """
-    x = model.embed(ids_c)
+    x = model.embed_tokens(ids_c)
     n_docs = None
     if cu_c is not None:
         n_docs = cu_c.numel() - 1

@@ -1,13 +1,18 @@
 """Activation memory of a training step under each recompute policy, and the choice of ``activation_checkpointing="auto"``.
 
 Bytes per token and layer that a TNL block keeps for its backward, with ``a`` = the activations' itemsize (2 under
-bf16 autocast), ``r`` = the residual stream's (4: the embedding output and the residual adds stay fp32 under
-autocast), d = d_model, i = n_heads * head_dim, g = glu_dim:
+bf16 autocast), ``r`` = the residual stream's (4 with ``residual_dtype="param"``: the embedding output and the
+residual adds stay fp32 under autocast; 2 with "autocast"), d = d_model, i = n_heads * head_dim, g = glu_dim:
 
     policy      compiled block (``compile_blocks``)         eager block (Triton attention)
     none        2 r d + a (d + 8 i + 3 g) + 12              2 r d + a (6 d + 10 i + 3 g) + 12
     selective   r d + a (d + 5 i + 2 g)                     r d + a (2 d + 5 i + 2 g)
     full        r d                                         r d
+
+With the residual in the activations' dtype (r = a, ``residual_dtype="autocast"``) "none" keeps a d more when
+compiled (the partitioner saves a normed input instead of recomputing it) and 2 a d less eager (the norms'
+outputs are already bf16: autocast casts no copy per projection): 2 r d + a (2 d + 8 i + 3 g) + 12 compiled,
+2 r d + a (4 d + 10 i + 3 g) + 12 eager.
 
 "none" keeps the block input and the residual after the token mixer (fp32), the GEMM inputs / outputs, the
 activations and the norms' statistics (eager also keeps one bf16 copy of the normed input per projection:
@@ -45,24 +50,36 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _residual(config: TNLConfig, dtype: torch.dtype, residual_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The residual stream's dtype: ``residual_dtype`` when given, else that of ``config.residual_dtype`` with
+    activations in ``dtype`` (a low-precision dtype means autocast over fp32 parameters)."""
+    if residual_dtype is not None:
+        return residual_dtype
+    if _itemsize(dtype) < 4 and config.residual_dtype != "autocast":
+        return torch.float32
+    return dtype
+
+
 def activation_bytes_per_token(config: TNLConfig, policy: str, dtype: torch.dtype = torch.bfloat16,
-                               residual_dtype: torch.dtype = torch.float32, compiled: bool = True) -> Dict[str, float]:
+                               residual_dtype: Optional[torch.dtype] = None, compiled: bool = True) -> Dict[str, float]:
     """Activation bytes per token per layer of ``policy`` ("none" | "selective" | "full"):
     ``{"saved": kept from the forward to the backward, "working": the transient of the block being
     back-propagated}`` (the formulas of the module docstring).
 
     dtype: the activations' dtype (the autocast dtype, or the model's); residual_dtype: the residual stream's
-    (fp32 with fp32 parameters under autocast, else the model's dtype); compiled: blocks under torch.compile.
+    (None: from ``config.residual_dtype``: fp32 with fp32 parameters under autocast for "param", the autocast
+    dtype for "autocast"); compiled: blocks under torch.compile.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    a, r = _itemsize(dtype), _itemsize(residual_dtype)
+    a, r = _itemsize(dtype), _itemsize(_residual(config, dtype, residual_dtype))
     d, i, g = config.d_model, config.inner_dim, config.glu_dim
+    same = r == a  # the residual in the activations' dtype: the norms' outputs need no cast per GEMM
     if compiled:
-        none = 2 * r * d + a * (d + 8 * i + 3 * g) + 12
+        none = 2 * r * d + a * ((2 if same else 1) * d + 8 * i + 3 * g) + 12
         selective = r * d + a * (d + 5 * i + 2 * g)
     else:
-        none = 2 * r * d + a * (6 * d + 10 * i + 3 * g) + 12
+        none = 2 * r * d + a * ((4 if same else 6) * d + 10 * i + 3 * g) + 12
         selective = r * d + a * (2 * d + 5 * i + 2 * g)
     full = r * d
     # gradients in flight while a block is back-propagated: the residual gradient both ways and the widest
@@ -101,12 +118,14 @@ def _head_bytes(config: TNLConfig, tokens: int, a: int, r: int) -> float:
 
 
 def step_memory_bytes(config: TNLConfig, policy: str, batch_size: int, seq_len: int,
-                      dtype: torch.dtype = torch.bfloat16, residual_dtype: torch.dtype = torch.float32,
+                      dtype: torch.dtype = torch.bfloat16, residual_dtype: Optional[torch.dtype] = None,
                       state_bytes: Optional[int] = None, compiled: bool = True) -> int:
     """Estimated peak device bytes of one training step of [batch_size, seq_len] tokens under ``policy``:
     model state + L layers' saved activations + max(loss head transient, one block's working set).
-    ``state_bytes`` defaults to :func:`model_state_bytes` of the config (fp32 parameters, AdamW)."""
+    ``state_bytes`` defaults to :func:`model_state_bytes` of the config (fp32 parameters, AdamW);
+    ``residual_dtype`` None: from ``config.residual_dtype`` (:func:`activation_bytes_per_token`)."""
     tokens = int(batch_size) * int(seq_len)
+    residual_dtype = _residual(config, dtype, residual_dtype)
     act = activation_bytes_per_token(config, policy, dtype, residual_dtype, compiled)
     if state_bytes is None:
         state_bytes = model_state_bytes(config)
@@ -119,12 +138,11 @@ def choose_activation_policy(config: TNLConfig, batch_size: int, seq_len: int, b
                              dtype: torch.dtype = torch.bfloat16, residual_dtype: Optional[torch.dtype] = None,
                              state_bytes: Optional[int] = None, compiled: bool = True) -> str:
     """The fastest policy (none > selective > full) whose :func:`step_memory_bytes` fits ``budget_bytes``;
-    "full" when none fits (the least memory there is). residual_dtype None: fp32 for a low-precision
-    ``dtype`` (autocast over fp32 parameters), else ``dtype``."""
+    "full" when none fits (the least memory there is). residual_dtype None: from ``config.residual_dtype``
+    (fp32 for a low-precision ``dtype`` under "param": autocast over fp32 parameters; else ``dtype``)."""
     if not isinstance(budget_bytes, (int, float)) or isinstance(budget_bytes, bool) or budget_bytes < 0:
         raise ValueError(f"budget_bytes must be a non-negative number of bytes, got {budget_bytes!r}")
-    if residual_dtype is None:
-        residual_dtype = torch.float32 if _itemsize(dtype) < 4 else dtype
+    residual_dtype = _residual(config, dtype, residual_dtype)
     for policy in POLICIES:
         if step_memory_bytes(config, policy, batch_size, seq_len, dtype, residual_dtype, state_bytes,
                              compiled) <= budget_bytes:

@@ -457,7 +457,10 @@ class TransNormerLLM(nn.Module):
         if policy != "auto":
             return policy
         ref = like if like is not None else self.embed.weight
-        dtype = torch.get_autocast_dtype(ref.device.type) if torch.is_autocast_enabled(ref.device.type) else ref.dtype
+        autocast = torch.is_autocast_enabled(ref.device.type)
+        dtype = torch.get_autocast_dtype(ref.device.type) if autocast else ref.dtype
+        # the residual stream's dtype: fp32 under autocast with residual_dtype "param", else the activations'
+        residual = torch.float32 if autocast and self.config.residual_dtype == "param" else dtype
         compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in (self, *self.layers))
         key = (int(batch_size), int(seq_len), str(ref.device), dtype, compiled)
         cache = self.__dict__.setdefault("_policy_cache", {})
@@ -469,7 +472,8 @@ class TransNormerLLM(nn.Module):
                 cache[key] = "none"
             else:
                 cache[key] = choose_activation_policy(self.config, batch_size, seq_len, budget, dtype=dtype,
-                                                      state_bytes=model_state_bytes(self), compiled=compiled)
+                                                      residual_dtype=residual, state_bytes=model_state_bytes(self),
+                                                      compiled=compiled)
         return cache[key]
 
     # -- input checks
@@ -568,7 +572,7 @@ class TransNormerLLM(nn.Module):
             if out is not None:
                 return out
 
-        x = self.embed(input_ids)
+        x = self.embed_tokens(input_ids)
         policy = "none"
         if self.training and torch.is_grad_enabled() and initial_states is None and not output_final_states:
             policy = self.activation_policy(x.shape[0], x.shape[1], x)
@@ -595,6 +599,13 @@ class TransNormerLLM(nn.Module):
             loss, num_tokens = self._reduce_loss(local_sum, labels, group, P)
         return LMOutput(loss=loss, logits=logits if return_logits else None,
                         final_states=final_states, num_tokens=num_tokens)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> the residual stream's input x [B, T, d], in ``config.residual_dtype``'s dtype."""
+        x = self.embed(input_ids)
+        if self.config.residual_dtype == "autocast" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x
 
     def _chunked_ce_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of token losses through the fused linear + cross entropy (chunks of ``loss_chunk_tokens``):
@@ -638,7 +649,7 @@ class TransNormerLLM(nn.Module):
             raise ValueError(f"states must hold one state per layer ({len(self.layers)}), got {len(states)}")
         if check:
             self._check_inputs(input_ids[:, None], None, None)
-        x = self.embed(input_ids)
+        x = self.embed_tokens(input_ids)
         new_states = []
         for layer, S in zip(self.layers, states):
             x, S = layer.step(x, S)

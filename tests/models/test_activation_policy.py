@@ -57,13 +57,14 @@ def test_selective_with_dropout_and_seq_chunk():
     _assert_same(_loss_and_grads("selective", seq_chunk=40), ref, "selective, seq_chunk")
 
 
-def _saved_per_token(block, policy, d, lengths=(32, 64)):
-    """Bytes per token the block keeps for its backward under ``policy`` (bf16 autocast over fp32 parameters):
-    the slope between two lengths (the cast weights and the per-sequence state drop out)."""
+def _saved_per_token(block, policy, d, lengths=(32, 64), residual=torch.float32):
+    """Bytes per token the block keeps for its backward under ``policy`` (bf16 autocast over fp32 parameters, the
+    residual stream in ``residual``): the slope between two lengths (the cast weights and the per-sequence state
+    drop out)."""
     counts = []
     params = list(block.parameters())
     for T in lengths:
-        x = torch.randn(1, T, d, requires_grad=True)
+        x = torch.randn(1, T, d, dtype=residual, requires_grad=True)
 
         def fwd():
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -75,18 +76,20 @@ def _saved_per_token(block, policy, d, lengths=(32, 64)):
     return (counts[1] - counts[0]) / (lengths[1] - lengths[0])
 
 
+@pytest.mark.parametrize("residual", ["param", "autocast"], ids=["fp32-residual", "bf16-residual"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_saved_bytes_order_and_formulas(compiled):
+def test_saved_bytes_order_and_formulas(compiled, residual):
     """none > selective > full, each equal to seqpar.models.memory's formula (eager: the Triton path's)."""
-    cfg = TNLConfig.preset("tiny", n_heads=2, head_dim=48, glu_dim=160, attn_backend="triton")
+    cfg = TNLConfig.preset("tiny", n_heads=2, head_dim=48, glu_dim=160, attn_backend="triton", residual_dtype=residual)
     block = TNLBlock(cfg, 0).train()
     if compiled:
         torch._dynamo.reset()
         block.compile(backend=COMPILE_BACKEND, dynamic=False)
-    got = {p: _saved_per_token(block, p, cfg.d_model) for p in ("none", "selective", "full")}
+    x_dtype = torch.bfloat16 if residual == "autocast" else torch.float32  # what the model's embedding feeds it
+    got = {p: _saved_per_token(block, p, cfg.d_model, residual=x_dtype) for p in ("none", "selective", "full")}
     assert got["none"] > got["selective"] > got["full"] > 0, got
     for p, v in got.items():
-        want = activation_bytes_per_token(cfg, p, torch.bfloat16, torch.float32, compiled=compiled)["saved"]
+        want = activation_bytes_per_token(cfg, p, torch.bfloat16, compiled=compiled)["saved"]  # r from the config
         assert v == pytest.approx(want, rel=1e-6), (p, got)
 
 

@@ -328,3 +328,26 @@ def test_activation_offload_moves_block_inputs_and_keeps_gradients(monkeypatch):
     assert torch.equal(losses[0], losses[1])
     for (n, a), b in zip(ref.named_parameters(), off.parameters()):
         assert torch.equal(a.grad, b.grad), n
+
+
+def test_residual_dtype_autocast_keeps_the_stream_in_bf16():
+    """residual_dtype="autocast": the blocks see (and return) a bf16 residual under bf16 autocast; outside autocast
+    the model is unchanged; the loss stays near the fp32-residual one; a bad value names the field."""
+    torch.manual_seed(0)
+    ref, low = tiny(), tiny(residual_dtype="autocast")
+    low.load_state_dict(ref.state_dict())
+    x = ids(2, 70)
+    seen = []
+    low.layers[0].register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out[0].dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ref(x, labels=x, return_logits=False).loss
+        b = low(x, labels=x, return_logits=False).loss
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert torch.isfinite(b) and abs(a.item() - b.item()) < 2e-2 * a.item()
+    b.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in low.parameters() if p.requires_grad)
+    seen.clear()
+    torch.testing.assert_close(low(x, labels=x).loss, ref(x, labels=x).loss, rtol=0, atol=0)  # fp32: no change
+    assert seen == [(torch.float32, torch.float32)]
+    with pytest.raises(ValueError, match="residual_dtype"):
+        TNLConfig.preset("tiny", residual_dtype="bf16")
