@@ -38,9 +38,8 @@ _PRESETS: Dict[str, Dict[str, Any]] = {
     "tnl-3b": dict(vocab_size=64000, d_model=2560, n_layers=32, n_heads=20, glu_dim=6912, residual_dtype="autocast"),
     "tnl-15b": dict(vocab_size=64000, d_model=5120, n_layers=42, n_heads=40, glu_dim=13824, residual_dtype="autocast"),
 }
-# The sized presets train with the residual stream in the autocast dtype (residual_dtype="autocast"): 3.5% faster
-# per step at tnl-0.4b T32K, loss within run-to-run noise of the fp32 residual
-# (benchmarks/results/speed_parity_tnl-0.4b_T8192_200steps_lr0.0002_fast-residual-autocast.md).
+# The sized presets train with the residual stream in the autocast dtype (residual_dtype="autocast"); its loss against
+# the fp32 residual: benchmarks/results/speed_parity_tnl-0.4b_T8192_200steps_lr0.0002_fast-residual-autocast.md.
 
 
 def _is_int(x) -> bool:
