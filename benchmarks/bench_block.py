@@ -136,7 +136,8 @@ def main():
             x = torch.randn(1, T, cfg.d_model, device=dev, dtype=dtype, requires_grad=True)
             ms = bench(fwd_bwd(lambda x: block(x)[0], x))
             name = str(dtype).split(".")[-1]
-            base.setdefault(name, ms if variant == "separate" else None)
+            if variant == "separate":
+                base[name] = ms
             rel = f"{ms / base[name]:.3f}" if base.get(name) else ""
             lines.append(f"| {variant} | {name} | {ms:.3f} | {rel} |")
             print(lines[-1], flush=True)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqpar.models.transnormer import residual_stream_input
+
 
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-6):
@@ -74,9 +76,7 @@ class LlamaLM(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, input_ids, labels):
-        x = self.embed(input_ids)
-        if self.residual_dtype == "autocast" and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = residual_stream_input(self.embed(input_ids), self.residual_dtype)
         for blk in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)

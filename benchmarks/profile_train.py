@@ -31,9 +31,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from seqpar.models import TNLConfig, TransNormerLLM
-from seqpar.models.flops import hardware_flops_per_token, model_flops_per_token
-from seqpar.models.memory import step_memory_bytes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
+
+from seqpar.models import TNLConfig, TransNormerLLM  # noqa: E402
+from seqpar.models.flops import hardware_flops_per_token, model_flops_per_token  # noqa: E402
+from seqpar.models.memory import step_memory_bytes  # noqa: E402
 
 CATEGORIES = [
     ("lightning-attn", re.compile(r"^_(lb_walk|seg_state|scan|fwd_out|bwd_|la_|lightning)")),
@@ -189,17 +192,14 @@ def main():
     args = ap.parse_args()
     if args.grad_clip < 0:
         ap.error(f"--grad-clip must be >= 0, got {args.grad_clip}")
+    overrides = report.parse_overrides(args.set)
+    TNLConfig.preset("tiny", **overrides)  # a bad override fails here, before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("profile_train.py needs a CUDA GPU")
     import triton
 
     dev = torch.cuda.get_device_name()
     scope = {"0": None, "1": "blocks"}.get(args.compile, args.compile)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import report
-
-    overrides = report.parse_overrides(args.set)
-    TNLConfig.preset("tiny", **overrides)  # a bad override fails here, before any GPU work
     results = []
     for name in args.models.split(","):
         for v in args.variants.split(","):

@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     fast_set = report.parse_overrides(args.fast_set, "--fast-set")
-    TNLConfig.preset(args.model, **fast_set)  # a bad override fails here
+    fast_cfg = TNLConfig.preset(args.model, **fast_set)  # a bad override fails here
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = load_corpus()
     rows = []
@@ -129,7 +129,6 @@ def main():
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     lines = report.header(f"Loss parity: fast path vs eager path, {args.model} B{args.B} T{args.T}, {args.steps} steps",
                           "speed_parity.py", name)
-    fast_cfg = TNLConfig.preset(args.model, **fast_set)
     lines += [f"Residual stream: eager fp32 (residual_dtype=param), fast residual_dtype={fast_cfg.residual_dtype}"
               + (f"; the fast path's overrides: {', '.join(f'{k}={v}' for k, v in fast_set.items())}" if fast_set else "")
               + ".", ""]

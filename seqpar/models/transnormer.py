@@ -98,6 +98,14 @@ class SimpleRMSNorm(nn.Module):
         return f"eps={self.eps}"
 
 
+def residual_stream_input(x: torch.Tensor, residual_dtype: str) -> torch.Tensor:
+    """The embedding output x [B, T, d] as the residual stream holds it (``TNLConfig.residual_dtype``): cast to
+    the autocast dtype for "autocast" while autocast is enabled on x's device, else unchanged."""
+    if residual_dtype == "autocast" and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
 def _offload_saved():
     """Saved-tensor hooks that keep saved tensors in (pinned, when CUDA is present) host memory, counted
     (:func:`seqpar.models.offload.host_offload_stats`)."""
@@ -602,10 +610,7 @@ class TransNormerLLM(nn.Module):
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> the residual stream's input x [B, T, d], in ``config.residual_dtype``'s dtype."""
-        x = self.embed(input_ids)
-        if self.config.residual_dtype == "autocast" and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return x
+        return residual_stream_input(self.embed(input_ids), self.config.residual_dtype)
 
     def _chunked_ce_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of token losses through the fused linear + cross entropy (chunks of ``loss_chunk_tokens``):
