@@ -29,6 +29,8 @@
 #   bash benchmarks/gpu_checks.sh s6b       tnl-0.4b step profile at 32K: fp32 vs bf16 residual, and bf16 + max-autotune
 #   bash benchmarks/gpu_checks.sh s6c       loss parity of the bf16 residual (presets' default now) vs the fp32 eager path;
 #                                           bench_train 2K/32K/128K; tnl-1b profile at 32K
+#   bash benchmarks/gpu_checks.sh s7a       step profiles with the GPU's idle gaps attributed (tnl-1b: clipping in place vs
+#                                           into the fused AdamW step; tnl-0.4b: fused)
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -203,6 +205,12 @@ if [[ $what == s6c ]]; then
     --steps 2 --warmup 1 --ac auto --compile model --baseline none --out "$OUT" 2>&1 | grep -E "^\|" | tail -4
   timeout 100 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model \
     --steps 3 --warmup 2 --tag _s6_residual_autocast --out "$OUT" 2>&1 | grep -E "^tnl"
+fi
+if [[ $what == s7a ]]; then
+  P="benchmarks/profile_train.py --T 32768 --variants ac0-fused --compile model --steps 3 --warmup 2"
+  timeout 130 python3 $P --models tnl-1b --clip-mode inplace --tag _s7_clip_inplace --out "$OUT" 2>&1 | grep -E "^tnl|^GPU idle" -A14 | tail -16
+  timeout 130 python3 $P --models tnl-1b --clip-mode fused --tag _s7_clip_fused --out "$OUT" 2>&1 | grep -E "^tnl"
+  timeout 110 python3 $P --models tnl-0.4b --clip-mode fused --tag _s7_clip_fused --out "$OUT" 2>&1 | grep -E "^tnl"
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

@@ -4,7 +4,8 @@ A bare loop (bf16 autocast, gradient-norm clipping as train.py, fused AdamW, the
 and length T. For every variant it measures the median step time, then profiles two steps and sums the GPU kernel
 time per category
 (GEMMs, lightning-attention kernels, loss + head row pass, copies, memsets/fills, compiled elementwise,
-other elementwise, optimizer, communication); host gaps = step time - GPU busy time. Variants:
+other elementwise, optimizer, communication); host gaps = step time - GPU busy time, and the profiled steps' idle
+gaps charged to the host ops that launched the kernel after each gap (benchmarks/trace_gaps.py). Variants:
 
     ac      the blocks' recompute policy (``TNLConfig.activation_checkpointing``): ac0 / acnone = none, acsel /
             selective = selective (GEMM and attention outputs kept, elementwise recomputed), ac1 / acfull = full
@@ -24,8 +25,10 @@ import datetime
 import gc
 import os
 import re
+import json
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -33,8 +36,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402
+import trace_gaps  # noqa: E402
 
 from seqpar.models import TNLConfig, TransNormerLLM  # noqa: E402
+from seqpar.models.lit import clip_grad_norm_  # noqa: E402
 from seqpar.models.flops import hardware_flops_per_token, model_flops_per_token  # noqa: E402
 from seqpar.models.memory import step_memory_bytes  # noqa: E402
 
@@ -87,21 +92,25 @@ def parse_variant(v: str):
     return AC_TAGS[ac], ce
 
 
-def step_fn(model, opt, x, y, grad_clip=0.0):
+def step_fn(model, opt, x, y, grad_clip=0.0, clip_mode="fused"):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(x, labels=y, return_logits=False).loss
     loss.backward()
-    if grad_clip:  # as train.py (seqpar.models.lit.LitLM) does before the fused AdamW step
+    if grad_clip and clip_mode == "fused":  # as train.py (LitLM): the clip factor goes into the fused AdamW step
+        clip_grad_norm_(model.parameters(), grad_clip, opt)
+    elif grad_clip:  # torch's clipping: the gradients scaled in place, then the step
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
 
 
-def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0, overrides=None, compile_mode=None):
+def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0, overrides=None, compile_mode=None,
+                clip_mode="fused"):
     """ac: the recompute policy ("none" | "selective" | "full" | "auto"); compile_scope: None | "blocks" | "model";
     grad_clip: clip the gradient norm before the optimizer step (0: no clipping); overrides: TNLConfig fields;
-    compile_mode: torch.compile's ``mode`` (None: the default)."""
+    compile_mode: torch.compile's ``mode`` (None: the default); clip_mode: "fused" (the clip factor handed to the
+    fused AdamW step, as train.py) | "inplace" (torch.nn.utils.clip_grad_norm_)."""
     cfg = TNLConfig.preset(name, **{**(overrides or {}), "activation_checkpointing": ac})
     torch.manual_seed(0)
     torch._dynamo.reset()
@@ -122,7 +131,7 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = step_fn(model, opt, x, y, grad_clip)
+        loss = step_fn(model, opt, x, y, grad_clip, clip_mode)
         torch.cuda.synchronize()
         losses.append(loss.item())
         if i >= warmup:
@@ -133,8 +142,12 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            step_fn(model, opt, x, y, grad_clip)
+            step_fn(model, opt, x, y, grad_clip, clip_mode)
         torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:  # the GPU's idle gaps, charged to the host ops that ended them
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            gaps = trace_gaps.attribute_gaps(json.load(f), min_us=5.0)
     busy = 0.0
     kernels = {}
     for evt in prof.events():
@@ -162,7 +175,7 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, busy_ms=busy, cats=cats,
              mfu=model_flops_per_token(cfg) * tps / 989e12, est_gib=est,
              hfu=hardware_flops_per_token(cfg, ac) * tps / 989e12,
-             peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1],
+             peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1], gaps=gaps,
              top=sorted(((ms, k) for k, ms in kernels.items()
                          if category(k) not in ("GEMM", "lightning-attn")), reverse=True)[:12])
     del model, opt, x, y
@@ -185,6 +198,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--grad-clip", type=float, default=1.0,
                     help="gradient-norm clipping before the optimizer step, as train.py (optim.grad_clip); 0: none")
+    ap.add_argument("--clip-mode", default="fused", choices=["fused", "inplace"],
+                    help="fused: the clip factor goes into the fused AdamW step (train.py); inplace: torch's clipping")
     ap.add_argument("--set", default="", help="TNLConfig overrides for every run, e.g. residual_dtype=autocast")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
@@ -206,7 +221,7 @@ def main():
             ac, ce = parse_variant(v)
             try:
                 r = run_variant(name, args.T, args.B, ac, ce, scope, args.steps, args.warmup, args.grad_clip,
-                                overrides, args.compile_mode)
+                                overrides, args.compile_mode, args.clip_mode)
             except torch.cuda.OutOfMemoryError:
                 print(f"{name} {v}: OOM", flush=True)
                 gc.collect()
@@ -221,7 +236,7 @@ def main():
     lines = [
         f"# Where a training step's time goes (B{args.B} T{args.T}, compiled: {scope or 'no'})", "",
         f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; date {datetime.date.today()}; "
-        f"bf16 autocast, fused AdamW, gradient clipping {args.grad_clip or 'off'}; "
+        f"bf16 autocast, fused AdamW, gradient clipping {args.grad_clip or 'off'} ({args.clip_mode}); "
         f"command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
         "GPU ms per step by kernel category (torch profiler, mean of 2 steps); host gaps = step - GPU busy; "
         "optimizer (alone) = fused AdamW step timed separately; MFU = PaLM model FLOPs, HFU = + recompute, "
@@ -242,6 +257,8 @@ def main():
                   f"{r['ac']}, head {r['ce']} (ms per step):", "",
                   "| ms | category | kernel |", "|---|---|---|"]
         lines += [f"| {ms:.2f} | {category(k)} | `{k[:110]}` |" for ms, k in r["top"]]
+        lines += ["", f"Host gaps in the profiled steps, {r['model']} (profiler on; the table's host gaps are from the "
+                  "untraced timing):", ""] + trace_gaps.gap_table(r["gaps"], per=2, top=12)
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"profile_train_{dev.replace(' ', '_')}_T{args.T}{args.tag}.md")

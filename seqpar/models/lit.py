@@ -44,6 +44,40 @@ def adamw_impl(on_cuda: bool, fp16_scaler: bool = False) -> dict:
     return {"foreach": True} if fp16_scaler else {"fused": True}
 
 
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, optimizer=None) -> torch.Tensor:
+    """Clip the global L2 norm of the gradients of ``params`` to ``max_norm``; returns that norm before clipping
+    (a 0-dim tensor on the gradients' device, no host sync).
+
+    With a fused torch Adam/AdamW ``optimizer`` (``fused=True``) and plain-tensor gradients on one device, the
+    scaling is left to the optimizer's next step: it gets ``grad_scale = max(1, (norm + 1e-6) / max_norm)``, which
+    the fused step divides each gradient by as it reads it (storing the result), so the separate read-and-write
+    pass over every gradient is saved; a step post-hook takes the scale off again, so it applies to that one step.
+    Until that step the gradients are unscaled. Otherwise (no optimizer, not fused, DTensor gradients as under
+    FSDP2) ``torch.nn.utils.clip_grad_norm_`` scales them in place. Either way the step and the gradients after it
+    are those of clipping by ``min(1, max_norm / (norm + 1e-6))``."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    opt = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+    fused = (isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and bool(params)
+             and all(g.get("fused") for g in opt.param_groups)
+             and not any(isinstance(p.grad, DTensor) for p in params) and len({p.grad.device for p in params}) == 1)
+    if not fused:
+        return torch.nn.utils.clip_grad_norm_(params, float(max_norm)).detach()
+    if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None:
+        raise RuntimeError("clip_grad_norm_: the fused optimizer already has a grad_scale / found_inf (an AMP "
+                           "GradScaler?); unscale first and clip with torch.nn.utils.clip_grad_norm_")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params]).detach()
+    opt.grad_scale = torch.clamp((norm.float() + 1e-6) / float(max_norm), min=1.0)
+    if not getattr(opt, "_seqpar_clip_hook", None):
+        opt._seqpar_clip_hook = opt.register_step_post_hook(_drop_clip_scale)
+    return norm
+
+
+def _drop_clip_scale(opt, args, kwargs) -> None:
+    opt.grad_scale = None
+
+
 def _host(x: float) -> torch.Tensor:
     """A host number as a CPU scalar tensor for ``self.log`` (no device copy)."""
     return torch.tensor(float(x), dtype=torch.float32)
@@ -225,8 +259,7 @@ class LitLM(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         clip = self.hparams.get("grad_clip")
         if clip:
-            params = [p for p in self.parameters() if p.grad is not None]
-            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, float(clip)).detach()
+            self.last_grad_norm = clip_grad_norm_(self.parameters(), float(clip), optimizer)
 
     def configure_optimizers(self):
         h = self.hparams

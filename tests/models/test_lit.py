@@ -1,8 +1,10 @@
+import copy
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -122,6 +124,38 @@ def test_adamw_is_fused_on_cuda_unless_a_fp16_scaler_or_lightning_clips():
     assert adamw_impl(True) == {"fused": True}
     # a fp16 GradScaler / Lightning's own clipping refuse a fused (self-unscaling) optimizer
     assert adamw_impl(True, fp16_scaler=True) == {"foreach": True}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clip_grad_norm_into_the_fused_step_equals_clipping_in_place(fused):
+    from seqpar.models.lit import clip_grad_norm_
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))
+    b = copy.deepcopy(a)
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=fused)
+    ob = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=fused)
+    for step, gain in enumerate([10.0, 1e-4, 30.0]):  # clipped, not clipped (scale 1), clipped
+        x = torch.randn(8, 32)
+        for m in (a, b):
+            (m(x) ** 2).sum().mul(gain).backward()
+        na = clip_grad_norm_(a.parameters(), 1.0, oa)
+        nb = torch.nn.utils.clip_grad_norm_(list(b.parameters()), 1.0)
+        torch.testing.assert_close(na, nb)
+        assert (getattr(oa, "grad_scale", None) is not None) == fused
+        oa.step()
+        ob.step()
+        assert getattr(oa, "grad_scale", None) is None  # one step only
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)  # stored clipped either way
+        oa.zero_grad()
+        ob.zero_grad()
+    if fused:  # a scale the optimizer already has (an AMP GradScaler's) is not overwritten
+        oa.grad_scale = torch.tensor(2.0)
+        (a(x) ** 2).sum().backward()
+        with pytest.raises(RuntimeError, match="grad_scale"):
+            clip_grad_norm_(a.parameters(), 1.0, oa)
 
 
 def test_litlm_clips_the_global_gradient_norm_itself():
