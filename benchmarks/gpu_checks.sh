@@ -31,6 +31,8 @@
 #                                           bench_train 2K/32K/128K; tnl-1b profile at 32K
 #   bash benchmarks/gpu_checks.sh s7a       step profiles with the GPU's idle gaps attributed (tnl-1b: clipping in place vs
 #                                           into the fused AdamW step; tnl-0.4b: fused)
+#   bash benchmarks/gpu_checks.sh s7b       the same with synced vs back-to-back steps and host issue time; train.py tnl-0.4b and
+#                                           tnl-1b at 32K (per-step lines) for the train.py-vs-bare comparison
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -211,6 +213,17 @@ if [[ $what == s7a ]]; then
   timeout 130 python3 $P --models tnl-1b --clip-mode inplace --tag _s7_clip_inplace --out "$OUT" 2>&1 | grep -E "^tnl|^GPU idle" -A14 | tail -16
   timeout 130 python3 $P --models tnl-1b --clip-mode fused --tag _s7_clip_fused --out "$OUT" 2>&1 | grep -E "^tnl"
   timeout 110 python3 $P --models tnl-0.4b --clip-mode fused --tag _s7_clip_fused --out "$OUT" 2>&1 | grep -E "^tnl"
+fi
+if [[ $what == s7b ]]; then
+  P="benchmarks/profile_train.py --T 32768 --variants ac0-fused --compile model --steps 4 --warmup 2"
+  timeout 130 python3 $P --models tnl-1b --clip-mode fused --tag _s7_clip_fused --out "$OUT" 2>&1 | grep -E "^tnl|^GPU idle" -A14 | tail -16
+  timeout 130 python3 $P --models tnl-1b --clip-mode inplace --tag _s7_clip_inplace --out "$OUT" 2>&1 | grep -E "^tnl"
+  timeout 110 python3 $P --models tnl-0.4b --clip-mode fused --tag _s7_clip_fused --out "$OUT" 2>&1 | grep -E "^tnl"
+  for m in tnl-0.4b tnl-1b; do
+    timeout 150 python3 train.py --config configs/$m.yaml parallel.sp=1 data.seq_len=32768 data.max_bytes=8000000 \
+      model.compile=true model.overrides.activation_checkpointing=none trainer.max_steps=40 trainer.log_every=10 \
+      trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r_$m 2>&1 | tee "$OUT/train_py_${m}_T32768_s7.log" | grep -E "^step|done|Error" | tail -4
+  done
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

@@ -93,15 +93,19 @@ def parse_variant(v: str):
 
 
 def step_fn(model, opt, x, y, grad_clip=0.0, clip_mode="fused"):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    rf = torch.profiler.record_function  # phases named on the host timeline (trace_gaps charges gaps to them)
+    with rf("forward"), torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(x, labels=y, return_logits=False).loss
-    loss.backward()
-    if grad_clip and clip_mode == "fused":  # as train.py (LitLM): the clip factor goes into the fused AdamW step
-        clip_grad_norm_(model.parameters(), grad_clip, opt)
-    elif grad_clip:  # torch's clipping: the gradients scaled in place, then the step
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    with rf("backward"):
+        loss.backward()
+    with rf("clip"):
+        if grad_clip and clip_mode == "fused":  # as train.py (LitLM): the clip factor goes into the fused AdamW step
+            clip_grad_norm_(model.parameters(), grad_clip, opt)
+        elif grad_clip:  # torch's clipping: the gradients scaled in place, then the step
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    with rf("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss
 
 
@@ -127,27 +131,37 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(warmup + steps):
+    times, issue, losses = [], [], []
+    for i in range(warmup + steps):  # synced steps: each starts on an idle GPU
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = step_fn(model, opt, x, y, grad_clip, clip_mode)
+        t1 = time.perf_counter()
         torch.cuda.synchronize()
         losses.append(loss.item())
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            issue.append(t1 - t0)
     step = statistics.median(times)
+    torch.cuda.synchronize()  # back-to-back steps (one sync at the end, as a training loop that logs rarely)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn(model, opt, x, y, grad_clip, clip_mode)
+    torch.cuda.synchronize()
+    step_b2b = (time.perf_counter() - t0) / steps
     cats = {}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step_fn(model, opt, x, y, grad_clip, clip_mode)
-        torch.cuda.synchronize()
+        for _ in range(2):  # synced as the timed steps: the second step's start is a gap in the trace
+            with torch.profiler.record_function("step"):
+                step_fn(model, opt, x, y, grad_clip, clip_mode)
+            with torch.profiler.record_function("sync"):
+                torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:  # the GPU's idle gaps, charged to the host ops that ended them
         prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
         with open(os.path.join(tmp, "trace.json")) as f:
-            gaps = trace_gaps.attribute_gaps(json.load(f), min_us=5.0)
+            gaps = trace_gaps.attribute_gaps(json.load(f), min_us=5.0, depth=3)
     busy = 0.0
     kernels = {}
     for evt in prof.events():
@@ -172,8 +186,10 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
         ac = model.activation_policy(B, T, x)  # "auto" resolved for this shape
     est = step_memory_bytes(cfg, ac, B, T, compiled=compile_scope is not None) / 2**30
     # hardware FLOPs of the resolved policy ("selective" recomputes no GEMM: those of "none")
-    r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, busy_ms=busy, cats=cats,
+    r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, b2b_ms=step_b2b * 1e3,
+             issue_ms=statistics.median(issue) * 1e3, busy_ms=busy, cats=cats,
              mfu=model_flops_per_token(cfg) * tps / 989e12, est_gib=est,
+             mfu_b2b=model_flops_per_token(cfg) * B * T / step_b2b / 989e12,
              hfu=hardware_flops_per_token(cfg, ac) * tps / 989e12,
              peak_gib=peak, opt_ms=opt_ms, loss_last=losses[-1], gaps=gaps,
              top=sorted(((ms, k) for k, ms in kernels.items()
@@ -229,7 +245,8 @@ def main():
                 continue
             results.append(r)
             print(f"{name} {v}: step {r['step_ms']:.1f} ms, {r['tps']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
-                  f"HFU {100 * r['hfu']:.1f}%, busy {r['busy_ms']:.1f} ms, peak {r['peak_gib']:.1f} GiB "
+                  f"HFU {100 * r['hfu']:.1f}%, busy {r['busy_ms']:.1f} ms, host issue {r['issue_ms']:.1f} ms; back-to-back "
+                  f"{r['b2b_ms']:.1f} ms, MFU {100 * r['mfu_b2b']:.1f}%; peak {r['peak_gib']:.1f} GiB "
                   f"(estimated {r['est_gib']:.1f}, policy {r['ac']}), "
                   f"loss {r['loss_last']:.4f}", flush=True)
     cats = [c for c, _ in CATEGORIES] + ["other elementwise / reductions"]
@@ -238,12 +255,15 @@ def main():
         f"device: {dev}; torch {torch.__version__}, triton {triton.__version__}; date {datetime.date.today()}; "
         f"bf16 autocast, fused AdamW, gradient clipping {args.grad_clip or 'off'} ({args.clip_mode}); "
         f"command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
-        "GPU ms per step by kernel category (torch profiler, mean of 2 steps); host gaps = step - GPU busy; "
+        "GPU ms per step by kernel category (torch profiler, mean of 2 steps); step = median of synced steps (each "
+        "starts on an idle GPU); host gaps = step - GPU busy; host issue = host time to issue one synced step; "
+        "back-to-back = mean step of steps issued with one sync at the end; "
         "optimizer (alone) = fused AdamW step timed separately; MFU = PaLM model FLOPs, HFU = + recompute, "
         "against 989 TFLOP/s; estimated GiB = seqpar.models.memory.step_memory_bytes.", "",
         "| model | recompute | head | step ms | tokens/s | MFU | HFU | peak GiB | estimated GiB | " + " | ".join(cats)
-        + " | GPU busy | host gaps | optimizer (alone) | loss, last step |",
-        "|" + "---|" * (13 + len(cats)),
+        + " | GPU busy | host gaps | host issue | step, back-to-back | MFU, back-to-back | optimizer (alone) "
+        "| loss, last step |",
+        "|" + "---|" * (16 + len(cats)),
     ]
     for r in results:
         cells = [f"{r['cats'].get(c, 0.0):.1f}" for c in cats]
@@ -251,7 +271,8 @@ def main():
             f"| {r['model']} | {r['ac']} | {r['ce']} | {r['step_ms']:.1f} | {r['tps']:.0f} | "
             f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['est_gib']:.1f} | "
             + " | ".join(cells)
-            + f" | {r['busy_ms']:.1f} | {r['step_ms'] - r['busy_ms']:.1f} | {r['opt_ms']:.1f} | {r['loss_last']:.4f} |")
+            + f" | {r['busy_ms']:.1f} | {r['step_ms'] - r['busy_ms']:.1f} | {r['issue_ms']:.1f} | {r['b2b_ms']:.1f} "
+            f"| {100 * r['mfu_b2b']:.1f}% | {r['opt_ms']:.1f} | {r['loss_last']:.4f} |")
     for r in results:  # where the non-GEMM, non-attention time goes, by kernel
         lines += ["", f"Top kernels outside GEMM and lightning-attn, {r['model']}, recompute "
                   f"{r['ac']}, head {r['ce']} (ms per step):", "",
@@ -261,7 +282,8 @@ def main():
                   "untraced timing):", ""] + trace_gaps.gap_table(r["gaps"], per=2, top=12)
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"profile_train_{dev.replace(' ', '_')}_T{args.T}{args.tag}.md")
+    models = "_".join(m.replace("-", "").replace(".", "") for m in args.models.split(","))
+    path = os.path.join(args.out, f"profile_train_{dev.replace(' ', '_')}_{models}_T{args.T}{args.tag}.md")
     with open(path, "w") as f:
         f.write(table)
     print(table)
