@@ -122,6 +122,8 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
         strategy = "auto"
     precision = t.precision or ("bf16-mixed" if layout["accelerator"] == "gpu" else "32-true")
     cbs = [
+        # first: its per-step line times the steps, not the checkpoint that LastCheckpoint writes at max_steps
+        StepLogger(t.log_every, model_cfg, run_dir=t.out_dir, ckpt_path=os.path.join(ckpt_dir, "last.ckpt")),
         ModelCheckpoint(
             dirpath=ckpt_dir, filename="step{step:07d}", auto_insert_metric_name=False,
             every_n_train_steps=t.ckpt_every or None, save_top_k=t.keep_ckpts if t.ckpt_every else 0,
@@ -135,7 +137,6 @@ def build(cfg, layout: Dict[str, Any], callbacks: Optional[Sequence[Any]] = None
     if show_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, min(t.log_every, 10))))
     cbs.append(StepSeeder(cfg.seed))
-    cbs.append(StepLogger(t.log_every, model_cfg, run_dir=t.out_dir, ckpt_path=os.path.join(ckpt_dir, "last.ckpt")))
     cbs.append(RunInfo(_run_info(cfg, data_meta, data_dtype, data_eos)))
     try:
         cbs.extend(extra_callbacks_from_env())

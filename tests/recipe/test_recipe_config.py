@@ -2,6 +2,8 @@
 vocab vs data) and the thin train.py entry point."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,17 @@ def test_train_py_is_thin():
 
     src = (Path(__file__).resolve().parents[2] / "train.py").read_text()
     assert len(src.splitlines()) <= 60 and "from seqpar.recipe import" in src
+
+
+def test_step_logger_runs_before_the_max_steps_checkpoint(tmp_path):
+    """The last per-step line times training steps: StepLogger's on_train_batch_end runs before LastCheckpoint's
+    (which writes last.ckpt at max_steps), so that write is not in the line's tokens/s."""
+    from seqpar.recipe import build
+    from seqpar.recipe.preemption import LastCheckpoint
+    from seqpar.recipe.progress import StepLogger
+
+    cfg = load_config([os.path.join(os.path.dirname(__file__), "..", "..", "configs", "debug.yaml")],
+                      ["trainer.accelerator=cpu", f"trainer.out_dir={tmp_path}", "trainer.progress_bar=false"])
+    trainer = build(cfg, resolve_layout(cfg))[0]
+    kinds = [type(cb) for cb in trainer.callbacks]
+    assert kinds.index(StepLogger) < kinds.index(LastCheckpoint)
