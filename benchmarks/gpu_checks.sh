@@ -33,6 +33,8 @@
 #                                           into the fused AdamW step; tnl-0.4b: fused)
 #   bash benchmarks/gpu_checks.sh s7b       the same with synced vs back-to-back steps and host issue time; train.py tnl-0.4b and
 #                                           tnl-1b at 32K (per-step lines) for the train.py-vs-bare comparison
+#   bash benchmarks/gpu_checks.sh s7c       tnl-1b profile (GPU time from the trace), train.py tnl-0.4b at 32K B4, bench_train
+#                                           32K/128K vs compiled LLaMA (both bf16 residual); SM clock / power sampled
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -224,6 +226,20 @@ if [[ $what == s7b ]]; then
       model.compile=true model.overrides.activation_checkpointing=none trainer.max_steps=40 trainer.log_every=10 \
       trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r_$m 2>&1 | tee "$OUT/train_py_${m}_T32768_s7.log" | grep -E "^step|done|Error" | tail -4
   done
+fi
+if [[ $what == s7c ]]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu \
+    --format=csv -lms 500 > "$OUT/smi_s7c.csv" 2>/dev/null & SMI=$!
+  timeout 120 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model \
+    --steps 4 --warmup 2 --tag _s7 --out "$OUT" 2>&1 | grep -E "^tnl"
+  echo "train.py $(date +%T)"
+  timeout 130 python3 train.py --config configs/tnl-0.4b.yaml parallel.sp=1 data.seq_len=32768 data.batch_size=4 \
+    data.max_bytes=16000000 model.compile=true trainer.max_steps=30 trainer.log_every=10 trainer.val_check_interval=null \
+    trainer.ckpt_every=0 trainer.out_dir=/tmp/r_b4 2>&1 | tee "$OUT/train_py_tnl-0.4b_T32768_B4_s7.log" | grep -E "^step|done|Error" | tail -4
+  echo "bench_train $(date +%T)"
+  timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768,131072 --tokens 131072 \
+    --steps 2 --warmup 1 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -6
+  kill $SMI
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

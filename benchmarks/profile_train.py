@@ -161,16 +161,13 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     with tempfile.TemporaryDirectory() as tmp:  # the GPU's idle gaps, charged to the host ops that ended them
         prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
         with open(os.path.join(tmp, "trace.json")) as f:
-            gaps = trace_gaps.attribute_gaps(json.load(f), min_us=5.0, depth=3)
-    busy = 0.0
-    kernels = {}
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA or "#" in evt.name:
-            continue  # host events, and user annotations mirrored on the GPU timeline (e.g. Optimizer.step#AdamW.step)
-        us = evt.time_range.elapsed_us()
-        cats[category(evt.name)] = cats.get(category(evt.name), 0.0) + us / 2e3  # ms per step
-        busy += us / 2e3
-        kernels[evt.name] = kernels.get(evt.name, 0.0) + us / 2e3
+            trace = json.load(f)
+    gaps = trace_gaps.attribute_gaps(trace, min_us=5.0, depth=3)
+    busy = gaps["busy_us"] / 2e3  # union of the GPU activities, ms per step
+    kernels = {name: us / 2e3 for name, us in trace_gaps.gpu_times(trace).items()}  # host annotations excluded
+    for name, ms in kernels.items():
+        cats[category(name)] = cats.get(category(name), 0.0) + ms
+    del trace
     # optimizer alone (fused AdamW over the model's parameters), for the table
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -31,6 +31,16 @@ def _events(trace) -> List[dict]:
     return [e for e in evs if e.get("ph") == "X" and "ts" in e and "dur" in e]
 
 
+def gpu_times(trace) -> Dict[str, float]:
+    """Total duration (us) per name of the GPU activities (kernels, memcpys, memsets) of a chrome trace; host
+    annotations mirrored on the GPU timeline (``gpu_user_annotation``) are not activities and are left out."""
+    out: Dict[str, float] = defaultdict(float)
+    for e in _events(trace):
+        if e.get("cat") in GPU_CATS:
+            out[e.get("name", "")] += float(e["dur"])
+    return dict(out)
+
+
 def attribute_gaps(trace, min_us: float = 5.0, depth: int = 2) -> Dict[str, object]:
     """trace: a chrome-trace dict (``prof.export_chrome_trace``) or its event list. Returns
     {"busy_us", "span_us", "gap_us", "n_gaps", "rows"}: rows (largest total first) of

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from trace_gaps import attribute_gaps, gap_table  # noqa: E402
+from trace_gaps import attribute_gaps, gap_table, gpu_times  # noqa: E402
 
 
 def _x(cat, name, ts, dur, tid=1, **args):
@@ -34,6 +34,7 @@ def _trace():
         _x("kernel", "k3", 235, 15, tid=7, correlation=3),
         _x("kernel", "k4", 350, 10, tid=7, correlation=4),
         _x("gpu_memset", "Memset", 355, 10, tid=8, correlation=99),
+        _x("gpu_user_annotation", "forward", 10, 240, tid=7),  # a host range mirrored on the GPU: not an activity
         {"ph": "s", "name": "flow", "ts": 6, "id": 1},  # not a complete event: ignored
     ]}
 
@@ -63,3 +64,7 @@ def test_min_us_and_table():
     assert res["gap_us"] == pytest.approx(155)
     lines = gap_table(res, per=1)
     assert lines[0].startswith("GPU idle 0.15 ms per step in 2 gaps") and "`aten::mm`" in lines[-1]
+
+
+def test_gpu_times_sum_activities_only():
+    assert gpu_times(_trace()) == {"k1": 50.0, "k2": 120.0, "k3": 15.0, "k4": 10.0, "Memset": 10.0}
