@@ -164,9 +164,9 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
             trace = json.load(f)
     gaps = trace_gaps.attribute_gaps(trace, min_us=5.0, depth=3)
     busy = gaps["busy_us"] / 2e3  # union of the GPU activities, ms per step
-    kernels = {name: us / 2e3 for name, us in trace_gaps.gpu_times(trace).items()}  # host annotations excluded
-    for name, ms in kernels.items():
-        cats[category(name)] = cats.get(category(name), 0.0) + ms
+    kernels = {k: us / 2e3 for k, us in trace_gaps.gpu_times(trace).items()}  # host annotations excluded
+    for k, ms in kernels.items():
+        cats[category(k)] = cats.get(category(k), 0.0) + ms
     del trace
     # optimizer alone (fused AdamW over the model's parameters), for the table
     for p in model.parameters():
@@ -275,8 +275,8 @@ def main():
                   f"{r['ac']}, head {r['ce']} (ms per step):", "",
                   "| ms | category | kernel |", "|---|---|---|"]
         lines += [f"| {ms:.2f} | {category(k)} | `{k[:110]}` |" for ms, k in r["top"]]
-        lines += ["", f"Host gaps in the profiled steps, {r['model']} (profiler on; the table's host gaps are from the "
-                  "untraced timing):", ""] + trace_gaps.gap_table(r["gaps"], per=2, top=12)
+        lines += ["", f"Host gaps in the profiled steps, {r['model']} (2 synced steps under the profiler; the "
+                  "table's host gaps are step - GPU busy of the untraced timing):", ""] + trace_gaps.gap_table(r["gaps"], per=2, top=12)
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     models = "_".join(m.replace("-", "").replace(".", "") for m in args.models.split(","))
