@@ -46,7 +46,7 @@ import torch
 
 from ..kernels.lightning_attn import lightning_attn
 from ..kernels.lightning_attn import varlen
-from ..kernels.lightning_attn.interface import _static_backend, fwd_op, validate_inputs
+from ..kernels.lightning_attn.interface import check_static, check_values, fwd_op
 from . import comm
 from .sp_ops import check_global_cu_seqlens, sp_state_exchange
 
@@ -424,20 +424,14 @@ def sp_lightning_attn(
 
 def _local_plan(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset, P, r):
     """Validate this rank's arguments; ``(scale, local_cu, first, last, resets, global cu list or None)``."""
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    validate_inputs(q, k, v, slopes, scale, None, None, backend)
+    backend = _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset)
+    check_values(q, k, v, slopes, None, None, backend)  # the local call's values; cu_seqlens is global
     B, L, H, D = q.shape
     E = v.shape[-1]
     scale = D ** -0.5 if scale is None else float(scale)
 
     local_cu, first, last, resets = None, L, 0, False
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-                or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of global document offsets")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
         cu_list = varlen.offsets(cu_seqlens)  # one host read per tensor, shared by every layer
         shard_offset = check_global_cu_seqlens(cu_list, P, r, L, shard_offset)
         # the local offsets tensor is built once per (cu_seqlens, shard): the same object in every layer,
@@ -484,33 +478,16 @@ def _sp_forward(q, k, v, slopes, g, P, r, scale, mode, local_cu, first, last, re
 # --------------------------------------------------------------------------------------------
 
 
-def _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset):
-    """The argument checks that read no tensor values (the rest run inside the exchange op)."""
+def _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset) -> str:
+    """The argument checks that read no tensor values (the rest run inside the exchange op): the operator's
+    :func:`~seqpar.kernels.lightning_attn.interface.check_static` on this rank's shard and the SP arguments;
+    returns the resolved backend."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    for name, x in (("q", q), ("k", k), ("v", v), ("slopes", slopes)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k must be [B, T, H, D] and v [B, T, H, E] with the same B, T, H, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise TypeError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if slopes.shape != (q.shape[2],) or not slopes.is_floating_point():
-        raise ValueError(f"slopes must be a floating tensor of shape [H] = [{q.shape[2]}], got "
-                         f"{slopes.dtype} {tuple(slopes.shape)}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None (None means D**-0.5), got {type(scale).__name__}")
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    backend = check_static(q, k, v, slopes, scale, cu_seqlens, backend)
     if shard_offset is not None and (isinstance(shard_offset, bool) or not isinstance(shard_offset, int)):
         raise TypeError(f"shard_offset must be an int or None, got {type(shard_offset).__name__}")
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 \
-                or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of global document offsets")
-        if q.shape[0] != 1:
-            raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {q.shape[0]}")
+    return backend
 
 
 def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard_offset):
@@ -525,12 +502,11 @@ def _sp_traced(q, k, v, slopes, g, P, r, scale, mode, cu_seqlens, backend, shard
     correction to all its tokens (zero where masked, and on rank 0, whose H_0 = 0), so every rank traces
     the same graph and runs its collectives in the same order.
     """
-    _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset)
+    backend = _static_checks(q, k, v, slopes, scale, mode, cu_seqlens, backend, shard_offset)
     B, L, H, D = q.shape
     acc = _acc(q.dtype)
     scale = D ** -0.5 if scale is None else float(scale)
     off = (r * L if shard_offset is None else int(shard_offset)) if cu_seqlens is not None else -1
-    backend = _static_backend(q, backend)
     if P == 1:
         return fwd_op(q, k, v, slopes, scale, None, cu_seqlens, backend, off)[0]
     decay = torch.exp(-slopes.to(acc) * L)

@@ -88,3 +88,25 @@ def test_finite_check_option():
             lightning_attn(q, k, v, s)
     finally:
         set_check_finite(False)
+
+
+def test_static_checks_trace_without_graph_breaks_and_name_the_argument():
+    """check_static (what runs while torch.compile traces lightning_attn_as_op and sp_lightning_attn) reads no
+    values: a whole graph traces through it, and the traced call still rejects bad shapes by name."""
+    from seqpar.kernels.lightning_attn.interface import check_static, lightning_attn_as_op
+
+    q, s = torch.randn(1, 8, 2, 4), torch.rand(2)
+    f = torch.compile(lambda q, k, v: lightning_attn_as_op(q, k, v, s, backend="torch")[0], backend="eager",
+                      fullgraph=True)
+    torch.testing.assert_close(f(q, q, q), lightning_attn(q, q, q, s, backend="torch")[0])
+    g = torch.compile(lambda q, k, v: lightning_attn_as_op(q, k, v, s, backend="torch")[0], backend="eager")
+    with pytest.raises(ValueError, match=r"k must have the shape of q"):
+        g(q, torch.randn(1, 8, 2, 5), q)
+    assert check_static(q, q, q, s, None, None, None) == "torch"
+    with pytest.raises(ValueError, match="backend must be"):
+        check_static(q, q, q, s, None, None, "cuda")
+    with pytest.raises(ValueError, match=r"slopes must have shape \[H\] = \[2\]"):
+        check_static(q, q, q, torch.rand(3), None, None, None)
+    with pytest.raises(ValueError, match="packed into B == 1"):
+        check_static(torch.randn(2, 8, 2, 4).expand(2, 8, 2, 4), *([torch.randn(2, 8, 2, 4)] * 2), s, None,
+                     torch.tensor([0, 8]), None)

@@ -69,8 +69,9 @@ def _check_slopes_nonnegative(slopes: torch.Tensor) -> None:
         slopes._seqpar_slopes_ok = slopes._version
 
 
-def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) -> Tuple[int, str]:
-    """Check every argument of :func:`lightning_attn`; return (number of states N, resolved backend)."""
+def check_static(q, k, v, slopes, scale, cu_seqlens, backend) -> str:
+    """The checks of :func:`validate_inputs` that read no tensor values: argument types, shapes, dtypes, devices,
+    the backend's limits. Safe while torch.compile traces (they become guards); returns the resolved backend."""
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
@@ -100,7 +101,6 @@ def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) 
         raise TypeError(f"slopes must be a floating-point tensor, got {slopes.dtype}")
     if slopes.device != q.device:
         raise ValueError(f"slopes must be on q's device {q.device}, got {slopes.device}")
-    _check_slopes_nonnegative(slopes)
 
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -118,6 +118,35 @@ def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) 
             )
         if B != 1:
             raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B = {B}")
+
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}")
+        if D > MAX_HEAD_DIM or E > MAX_HEAD_DIM:
+            raise ValueError(f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got D={D}, E={E}")
+    return backend
+
+
+def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) -> Tuple[int, str]:
+    """Check every argument of :func:`lightning_attn`: :func:`check_static`, then :func:`check_values`;
+    return (number of states N, resolved backend)."""
+    backend = check_static(q, k, v, slopes, scale, cu_seqlens, backend)
+    return check_values(q, k, v, slopes, initial_state, cu_seqlens, backend), backend
+
+
+def check_values(q, k, v, slopes, initial_state, cu_seqlens, backend: str) -> int:
+    """The checks that read values or the environment, on arguments that passed :func:`check_static` with the
+    resolved ``backend``: non-negative slopes, the cu_seqlens offsets, ``initial_state`` against the number of
+    states, finiteness (when switched on), the interpreter for Triton on the CPU. Returns the number of states N."""
+    B, T, H, D = q.shape
+    E = v.shape[3]
+    _check_slopes_nonnegative(slopes)
+
+    if cu_seqlens is not None:
         offs = varlen.offsets(cu_seqlens)  # one host read per tensor, shared by every layer
         if offs[0] != 0 or offs[-1] != T or any(b < a for a, b in zip(offs, offs[1:])):
             raise ValueError(f"cu_seqlens must start at 0, end at T = {T} and be non-decreasing, got {offs[:8]}...")
@@ -143,40 +172,23 @@ def validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend) 
             if x is not None and not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{name} contains NaN or inf")
 
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    if backend == "triton":
-        if q.dtype not in _TRITON_DTYPES:
-            raise TypeError(f"the triton backend takes float16, bfloat16 or float32 inputs, got {q.dtype}")
-        if D > MAX_HEAD_DIM or E > MAX_HEAD_DIM:
-            raise ValueError(f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got D={D}, E={E}")
-        if not q.is_cuda and not triton_interpret_enabled():
-            raise ValueError(
-                "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-                "before triton is imported, or use backend='torch'"
-            )
-    return N, backend
-
-
-def _static_backend(q, backend) -> str:
-    """The backend of a traced call (checks that need no tensor values)."""
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    return backend
+    if backend == "triton" and not q.is_cuda and not triton_interpret_enabled():
+        raise ValueError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported, or use backend='torch'"
+        )
+    return N
 
 
 def lightning_attn_as_op(q, k, v, slopes, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                          backend=None):
     """:func:`lightning_attn` (same arguments and returns) through the dispatched custom op
     ``seqpar::lightning_attn_fwd``: what torch.compile traces, and what selective checkpointing sees and keeps
-    in eager mode. While torch.compile traces, only the checks that read no values run (the others would break
-    the graph; the op's implementation reads cu_seqlens); in eager mode the inputs are validated in full."""
+    in eager mode. While torch.compile traces, only the checks that read no values run (:func:`check_static`;
+    the others would break the graph; the op's implementation reads cu_seqlens); in eager mode the inputs are
+    validated in full."""
     if torch.compiler.is_compiling():
-        backend = _static_backend(q, backend)
+        backend = check_static(q, k, v, slopes, scale, cu_seqlens, backend)
     else:
         _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     o, ht = fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
