@@ -1,7 +1,8 @@
 """Training throughput vs sequence length on one GPU: TransNormerLLM (Lightning Attention-2) vs LLaMA-SDPA.
 
 Tokens per optimizer step are held fixed (``--tokens``, batch = tokens / T); each row is one model at
-one length: median step time (forward + backward + AdamW), tokens/GPU/s, MFU and peak memory. The
+one length: median step time (forward + backward + AdamW; each step synced), tokens/GPU/s, MFU and peak memory,
+and tokens/GPU/s of the same number of steps issued back to back with one sync at the end. The
 LLaMA-style baseline has the same width, depth and head dim, softmax attention through torch SDPA
 (flash), rotary embeddings and a SwiGLU sized to the TNL block's parameter count.
 
@@ -122,6 +123,16 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
             raise RuntimeError(f"non-finite loss {loss.item()}")
     step = statistics.median(times)
     tps = B * T / step
+    torch.cuda.synchronize()  # the same steps issued back to back, one sync at the end (a loop that logs rarely)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_of(kind, model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    tps_b2b = B * T * steps / (time.perf_counter() - t0)
     policy = ac_policy(int(ac) if isinstance(ac, bool) else ac)
     if kind == "tnl":  # "auto" resolved for this shape
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -139,8 +150,8 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, x, y, loss
     gc.collect()
-    return dict(B=B, step_ms=step * 1e3, tps=tps, mfu=mfu, hfu=hfu, peak_gib=peak, params=n_params, loss0=first_loss,
-                policy=policy)
+    return dict(B=B, step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, mfu=mfu, hfu=hfu, peak_gib=peak, params=n_params,
+                loss0=first_loss, policy=policy)
 
 
 def main():
@@ -235,8 +246,9 @@ def main():
                 flush_table(rows[-1])
                 T *= 2
     else:
-        head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | HFU | peak GiB | loss, step 1 |\n"
-                 "|---|---|---|---|---|---|---|---|---|---|\n")
+        head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | HFU | peak GiB | loss, step 1 "
+                 "| tokens/GPU/s, back-to-back |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|\n")
         kinds = {"0": ["tnl"], "1": ["tnl+compile"], "both": ["tnl", "tnl+compile"],
                  "model": ["tnl+model"]}[args.compile]
         if args.baseline == "llama":
@@ -269,10 +281,11 @@ def main():
                                         args.peak_tflops, compile_blocks=scope)
                         label = f"{label}, recompute {r['policy']}"
                         rows.append(f"| {model_name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
-                                    f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} |")
+                                    f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
+                                    f"{r['tps_b2b']:.0f} |")
                     except torch.cuda.OutOfMemoryError:
                         label = f"{label}, recompute {args.ac}"
-                        rows.append(f"| {model_name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | |")
+                        rows.append(f"| {model_name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | | |")
                     finally:
                         gc.collect()
                         torch.cuda.empty_cache()

@@ -35,6 +35,8 @@
 #                                           tnl-1b at 32K (per-step lines) for the train.py-vs-bare comparison
 #   bash benchmarks/gpu_checks.sh s7c       tnl-1b profile (GPU time from the trace), train.py tnl-0.4b at 32K B4, bench_train
 #                                           32K/128K vs compiled LLaMA (both bf16 residual); SM clock / power sampled
+#   bash benchmarks/gpu_checks.sh s8        not yet run: GPU tests after interface.check_static (kernels, models, SP compile over
+#                                           3 processes), loss parity with the fused clip, bench_train with back-to-back column
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -240,6 +242,14 @@ if [[ $what == s7c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768,131072 --tokens 131072 \
     --steps 2 --warmup 1 --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\|" | tail -6
   kill $SMI
+fi
+if [[ $what == s8 ]]; then
+  timeout 300 python3 -m pytest -n 12 -q -p no:cacheprovider -m gpu tests/kernels tests/models 2>&1 \
+    | tee "$OUT/gpu_tests_kernels_models.log" | tail -4
+  timeout 250 python3 -m pytest -q -p no:cacheprovider tests/distributed/test_sp_compile.py -k gpu -rA 2>&1 \
+    | tee "$OUT/gpu_tests_sp_compile.log" | grep -E "passed|failed|PASSED|FAILED" | head -8
+  timeout 250 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1,2 --lr 2e-4 \
+    --out "$OUT" 2>&1 | tail -4
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

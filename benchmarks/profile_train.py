@@ -242,8 +242,8 @@ def main():
                 continue
             results.append(r)
             print(f"{name} {v}: step {r['step_ms']:.1f} ms, {r['tps']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
-                  f"HFU {100 * r['hfu']:.1f}%, busy {r['busy_ms']:.1f} ms, host issue {r['issue_ms']:.1f} ms; back-to-back "
-                  f"{r['b2b_ms']:.1f} ms, MFU {100 * r['mfu_b2b']:.1f}%; peak {r['peak_gib']:.1f} GiB "
+                  f"HFU {100 * r['hfu']:.1f}%, busy {r['busy_ms']:.1f} ms, host issue {r['issue_ms']:.1f} ms; "
+                  f"back-to-back {r['b2b_ms']:.1f} ms, MFU {100 * r['mfu_b2b']:.1f}%; peak {r['peak_gib']:.1f} GiB "
                   f"(estimated {r['est_gib']:.1f}, policy {r['ac']}), "
                   f"loss {r['loss_last']:.4f}", flush=True)
     cats = [c for c, _ in CATEGORIES] + ["other elementwise / reductions"]

@@ -8,7 +8,9 @@ schedule, and compares the mean loss of the last 10 steps. Paths:
                 chunk under torch.utils.checkpoint, recomputed in the backward); an fp32 residual stream
                 (``residual_dtype="param"``)
     fast        the whole model under torch.compile (``compile_model``) with the fused linear + CE head, the
-                preset's residual stream (bf16 for the sized presets) and the TNLConfig overrides of ``--fast-set``
+                preset's residual stream (bf16 for the sized presets), gradient clipping through the fused
+                AdamW step (``seqpar.models.lit.clip_grad_norm_``, as train.py) and the TNLConfig overrides of
+                ``--fast-set``
 
 The difference between paths is judged against the difference between seeds of one path (run-to-run
 noise). Writes a table to ``--out``.
@@ -33,6 +35,7 @@ from profile_train import old_ce_sum  # noqa: E402
 
 from seqpar.data.corpus import load_corpus  # noqa: E402
 from seqpar.models import TNLConfig, TransNormerLLM  # noqa: E402
+from seqpar.models.lit import clip_grad_norm_  # noqa: E402
 
 
 def batches(tokens: np.ndarray, B: int, T: int, steps: int, seed: int):
@@ -65,7 +68,10 @@ def train(path: str, model_name: str, B: int, T: int, steps: int, seed: int, lr:
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
             loss = model(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if path == "fast":  # as train.py: the clip factor goes into the fused AdamW step
+            clip_grad_norm_(model.parameters(), 1.0, opt)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -76,7 +82,8 @@ def train(path: str, model_name: str, B: int, T: int, steps: int, seed: int, lr:
 
 
 def plot(rows, path: str, title: str) -> bool:
-    """Loss curves (10-step running mean) of every path and seed into a PNG; False without matplotlib."""
+    """Loss curves (10-step running mean, or over all steps when fewer) of every path and seed into a PNG; False
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -85,8 +92,9 @@ def plot(rows, path: str, title: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
-        y = np.convolve(r["losses"], np.ones(10) / 10, mode="valid")
-        ax.plot(np.arange(10, len(r["losses"]) + 1), y, ls="-" if r["path"] == "fast" else "--",
+        w = min(10, len(r["losses"]))
+        y = np.convolve(r["losses"], np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(w, len(r["losses"]) + 1), y, ls="-" if r["path"] == "fast" else "--",
                 label=f"{r['path']}, seed {r['seed']}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (10-step mean)")

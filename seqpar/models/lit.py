@@ -55,7 +55,10 @@ def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float, optimizer=N
     Until that step the gradients are unscaled. Otherwise (no optimizer, not fused, DTensor gradients as under
     FSDP2) ``torch.nn.utils.clip_grad_norm_`` scales them in place. Either way the step and the gradients after it
     are those of clipping by ``min(1, max_norm / (norm + 1e-6))``."""
-    from torch.distributed.tensor import DTensor
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed
+        DTensor = ()
 
     params = [p for p in params if p.grad is not None]
     opt = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
