@@ -90,6 +90,33 @@ def _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN
     return n, bos, start, end
 
 
+@triton.jit
+def _seg_program(pid, H, NB, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN: tl.constexpr):
+    """(block, head, segment, segment start, segment end, slope) of program pid over a grid of
+    segments x H x NB blocks (blocks fastest)."""
+    i_b = pid % NB
+    rest = pid // NB
+    h = rest % H
+    pid_s = rest // H
+    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
+    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    return i_b, h, pid_s, start, end, slope
+
+
+@triton.jit
+def _decay_tile(o_t, slope, REVERSE: tl.constexpr):
+    """[BT, BT] intra-chunk decay lambda^(i-j) at row i, column j for j <= i, 0 above the diagonal
+    (lambda = exp(-slope)); REVERSE: its transpose (row j, column i)."""
+    diff = o_t[:, None] - o_t[None, :]
+    if REVERSE:
+        causal = diff <= 0
+        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, -diff, 0).to(tl.float32)), 0.0)
+    else:
+        causal = diff >= 0
+        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    return decay
+
+
 @triton.jit(do_not_specialize=["T", "NS"])
 def _seg_state_kernel(
     a_ptr, b_ptr, slopes_ptr, out_ptr, cu_ptr, segseq_ptr, segstart_ptr,
@@ -187,14 +214,8 @@ def _fwd_out_kernel(
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    NEB = tl.cdiv(E, BE)
-    i_e = pid % NEB
-    rest = pid // NEB
-    h = rest % H
-    pid_s = rest // H
-    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
-    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    i_e, h, pid_s, start, end, slope = _seg_program(tl.program_id(0), H, tl.cdiv(E, BE), slopes_ptr, cu_ptr,
+                                                    segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
@@ -203,9 +224,7 @@ def _fwd_out_kernel(
     m_e = o_e < E
     S = tl.load(hbuf_ptr + (pid_s.to(tl.int64) * H + h) * D * E + o_d[:, None] * E + o_e[None, :],
                 mask=m_d[:, None] & m_e[None, :], other=0.0)
-    diff = o_t[:, None] - o_t[None, :]
-    causal = diff >= 0
-    decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    decay = _decay_tile(o_t, slope, False)
     q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
     for cs in range(start, end, BT):
         L = tl.minimum(end - cs, BT)
@@ -245,14 +264,8 @@ def _bwd_dqdk_kernel(
     N_s = scale * sum_i lambda^(i-start+1) q_i^T do_i (its D block) into gbuf, in place of a separate
     _seg_state_kernel pass over q and do.
     """
-    pid = tl.program_id(0)
-    NDB = tl.cdiv(D, BD)
-    i_d = pid % NDB
-    rest = pid // NDB
-    h = rest % H
-    pid_s = rest // H
-    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
-    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    i_d, h, pid_s, start, end, slope = _seg_program(tl.program_id(0), H, tl.cdiv(D, BD), slopes_ptr, cu_ptr,
+                                                    segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -260,9 +273,7 @@ def _bwd_dqdk_kernel(
     m_d = o_d < D
     m_e = o_e < E
     sbase = (pid_s.to(tl.int64) * H + h) * D * E
-    diff = o_t[:, None] - o_t[None, :]
-    causal = diff >= 0
-    decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    decay = _decay_tile(o_t, slope, False)
     q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
 
     # ---- dq: forward walk, ST = S^T block [BE, BD]
@@ -338,14 +349,8 @@ def _bwd_dv_kernel(
     DO_DK (only when one E block covers E): also dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i
     + lambda^(L-1-j) v_j R^T in the same reverse walk (and k.dk for the slope gradient).
     """
-    pid = tl.program_id(0)
-    NEB = tl.cdiv(E, BE)
-    i_e = pid % NEB
-    rest = pid // NEB
-    h = rest % H
-    pid_s = rest // H
-    n, bos, start, end = _seg_bounds(pid_s, cu_ptr, segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
-    slope = tl.load(slopes_ptr + h).to(tl.float32)
+    i_e, h, pid_s, start, end, slope = _seg_program(tl.program_id(0), H, tl.cdiv(E, BE), slopes_ptr, cu_ptr,
+                                                    segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
 
     o_t = tl.arange(0, BT)
     o_d = tl.arange(0, BD)
@@ -354,9 +359,7 @@ def _bwd_dv_kernel(
     m_e = o_e < E
     R = tl.load(gbuf_ptr + (pid_s.to(tl.int64) * H + h) * D * E + o_d[:, None] * E + o_e[None, :],
                 mask=m_d[:, None] & m_e[None, :], other=0.0)
-    diff = o_t[:, None] - o_t[None, :]  # [j, i] used as i - j below
-    causalT = diff <= 0  # j <= i
-    decayT = tl.where(causalT, tl.exp(-slope * tl.where(causalT, -diff, 0).to(tl.float32)), 0.0)
+    decayT = _decay_tile(o_t, slope, True)  # [j, i]: lambda^(i-j) for j <= i
     q_w = tl.exp(-slope * (o_t + 1).to(tl.float32)) * scale
     nch = tl.cdiv(end - start, BT)
     for c in range(0, nch):
@@ -506,13 +509,7 @@ def _lb_walk_kernel(
         tl.store(sbuf_ptr + (sidx.to(tl.int64) * H + h) * DA * DC + ioff, S, mask=m_kc)
 
     # (3) the chunk walk from S
-    diff = o_t[:, None] - o_t[None, :]
-    if REVERSE:
-        causal = diff <= 0
-        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, -diff, 0).to(tl.float32)), 0.0)
-    else:
-        causal = diff >= 0
-        decay = tl.where(causal, tl.exp(-slope * tl.where(causal, diff, 0).to(tl.float32)), 0.0)
+    decay = _decay_tile(o_t, slope, REVERSE)
     w_in = tl.exp(-slope * (o_t + 1).to(tl.float32))
     nch = tl.cdiv(end - start, BT)
     for c in range(0, nch):
