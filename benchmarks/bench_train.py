@@ -106,33 +106,34 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
+    with report.GPUClock() as clock:  # the SM clock and power while the steps are timed
+        for i in range(warmup + steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_of(kind, model, x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+            if i == 0:
+                first_loss = loss.item()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss {loss.item()}")
+        step = statistics.median(times)
+        tps = B * T / step
+        torch.cuda.synchronize()  # the same steps issued back to back, one sync at the end (a loop that logs rarely)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(kind, model, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_of(kind, model, x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        if i == 0:
-            first_loss = loss.item()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {loss.item()}")
-    step = statistics.median(times)
-    tps = B * T / step
-    torch.cuda.synchronize()  # the same steps issued back to back, one sync at the end (a loop that logs rarely)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(kind, model, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    tps_b2b = B * T * steps / (time.perf_counter() - t0)
+        tps_b2b = B * T * steps / (time.perf_counter() - t0)
     policy = ac_policy(int(ac) if isinstance(ac, bool) else ac)
     if kind == "tnl":  # "auto" resolved for this shape
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -150,8 +151,8 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, x, y, loss
     gc.collect()
-    return dict(B=B, step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, mfu=mfu, hfu=hfu, peak_gib=peak, params=n_params,
-                loss0=first_loss, policy=policy)
+    return dict(B=B, step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, clock=clock.summary() or "-", mfu=mfu, hfu=hfu,
+                peak_gib=peak, params=n_params, loss0=first_loss, policy=policy)
 
 
 def main():
@@ -247,8 +248,8 @@ def main():
                 T *= 2
     else:
         head += ("| model | attention | T | B | step ms | tokens/GPU/s | MFU | HFU | peak GiB | loss, step 1 "
-                 "| tokens/GPU/s, back-to-back |\n"
-                 "|---|---|---|---|---|---|---|---|---|---|---|\n")
+                 "| tokens/GPU/s, back-to-back | GPU clock, timed steps |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         kinds = {"0": ["tnl"], "1": ["tnl+compile"], "both": ["tnl", "tnl+compile"],
                  "model": ["tnl+model"]}[args.compile]
         if args.baseline == "llama":
@@ -282,10 +283,10 @@ def main():
                         label = f"{label}, recompute {r['policy']}"
                         rows.append(f"| {model_name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
                                     f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
-                                    f"{r['tps_b2b']:.0f} |")
+                                    f"{r['tps_b2b']:.0f} | {r['clock']} |")
                     except torch.cuda.OutOfMemoryError:
                         label = f"{label}, recompute {args.ac}"
-                        rows.append(f"| {model_name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | | |")
+                        rows.append(f"| {model_name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | | | |")
                     finally:
                         gc.collect()
                         torch.cuda.empty_cache()

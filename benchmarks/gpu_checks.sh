@@ -36,7 +36,8 @@
 #   bash benchmarks/gpu_checks.sh s7c       tnl-1b profile (GPU time from the trace), train.py tnl-0.4b at 32K B4, bench_train
 #                                           32K/128K vs compiled LLaMA (both bf16 residual); SM clock / power sampled
 #   bash benchmarks/gpu_checks.sh s8        not yet run: GPU tests after interface.check_static (kernels, models, SP compile over
-#                                           3 processes), loss parity with the fused clip, bench_train with back-to-back column
+#                                           3 processes), loss parity with the fused clip, bench_train's back-to-back and
+#                                           GPU clock columns
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -250,6 +251,8 @@ if [[ $what == s8 ]]; then
     | tee "$OUT/gpu_tests_sp_compile.log" | grep -E "passed|failed|PASSED|FAILED" | head -8
   timeout 250 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1,2 --lr 2e-4 \
     --out "$OUT" 2>&1 | tail -4
+  timeout 150 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 131072 --steps 3 --warmup 1 \
+    --ac auto --compile model --baseline none --out "$OUT" 2>&1 | grep -E "^\|" | tail -2
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

@@ -132,23 +132,24 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     torch.cuda.reset_peak_memory_stats()
     times, issue, losses = [], [], []
-    for i in range(warmup + steps):  # synced steps: each starts on an idle GPU
-        torch.cuda.synchronize()
+    with report.GPUClock() as clock:  # the SM clock and power while the steps are timed
+        for i in range(warmup + steps):  # synced steps: each starts on an idle GPU
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = step_fn(model, opt, x, y, grad_clip, clip_mode)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            losses.append(loss.item())
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                issue.append(t1 - t0)
+        step = statistics.median(times)
+        torch.cuda.synchronize()  # back-to-back steps (one sync at the end, as a training loop that logs rarely)
         t0 = time.perf_counter()
-        loss = step_fn(model, opt, x, y, grad_clip, clip_mode)
-        t1 = time.perf_counter()
+        for _ in range(steps):
+            step_fn(model, opt, x, y, grad_clip, clip_mode)
         torch.cuda.synchronize()
-        losses.append(loss.item())
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            issue.append(t1 - t0)
-    step = statistics.median(times)
-    torch.cuda.synchronize()  # back-to-back steps (one sync at the end, as a training loop that logs rarely)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step_fn(model, opt, x, y, grad_clip, clip_mode)
-    torch.cuda.synchronize()
-    step_b2b = (time.perf_counter() - t0) / steps
+        step_b2b = (time.perf_counter() - t0) / steps
     cats = {}
     from torch.profiler import ProfilerActivity, profile
 
@@ -184,7 +185,7 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     est = step_memory_bytes(cfg, ac, B, T, compiled=compile_scope is not None) / 2**30
     # hardware FLOPs of the resolved policy ("selective" recomputes no GEMM: those of "none")
     r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, b2b_ms=step_b2b * 1e3,
-             issue_ms=statistics.median(issue) * 1e3, busy_ms=busy, cats=cats,
+             issue_ms=statistics.median(issue) * 1e3, busy_ms=busy, cats=cats, clock=clock.summary() or "-",
              mfu=model_flops_per_token(cfg) * tps / 989e12, est_gib=est,
              mfu_b2b=model_flops_per_token(cfg) * B * T / step_b2b / 989e12,
              hfu=hardware_flops_per_token(cfg, ac) * tps / 989e12,
@@ -254,13 +255,14 @@ def main():
         f"command: `python benchmarks/profile_train.py {' '.join(sys.argv[1:])}`", "",
         "GPU ms per step by kernel category (torch profiler, mean of 2 steps); step = median of synced steps (each "
         "starts on an idle GPU); host gaps = step - GPU busy; host issue = host time to issue one synced step; "
-        "back-to-back = mean step of steps issued with one sync at the end; "
+        "back-to-back = mean step of steps issued with one sync at the end; GPU clock = nvidia-smi's SM clock "
+        "(median, range) and power while the steps were timed; "
         "optimizer (alone) = fused AdamW step timed separately; MFU = PaLM model FLOPs, HFU = + recompute, "
         "against 989 TFLOP/s; estimated GiB = seqpar.models.memory.step_memory_bytes.", "",
         "| model | recompute | head | step ms | tokens/s | MFU | HFU | peak GiB | estimated GiB | " + " | ".join(cats)
         + " | GPU busy | host gaps | host issue | step, back-to-back | MFU, back-to-back | optimizer (alone) "
-        "| loss, last step |",
-        "|" + "---|" * (16 + len(cats)),
+        "| loss, last step | GPU clock, timed steps |",
+        "|" + "---|" * (17 + len(cats)),
     ]
     for r in results:
         cells = [f"{r['cats'].get(c, 0.0):.1f}" for c in cats]
@@ -269,14 +271,15 @@ def main():
             f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['est_gib']:.1f} | "
             + " | ".join(cells)
             + f" | {r['busy_ms']:.1f} | {r['step_ms'] - r['busy_ms']:.1f} | {r['issue_ms']:.1f} | {r['b2b_ms']:.1f} "
-            f"| {100 * r['mfu_b2b']:.1f}% | {r['opt_ms']:.1f} | {r['loss_last']:.4f} |")
+            f"| {100 * r['mfu_b2b']:.1f}% | {r['opt_ms']:.1f} | {r['loss_last']:.4f} | {r['clock']} |")
     for r in results:  # where the non-GEMM, non-attention time goes, by kernel
         lines += ["", f"Top kernels outside GEMM and lightning-attn, {r['model']}, recompute "
                   f"{r['ac']}, head {r['ce']} (ms per step):", "",
                   "| ms | category | kernel |", "|---|---|---|"]
         lines += [f"| {ms:.2f} | {category(k)} | `{k[:110]}` |" for ms, k in r["top"]]
         lines += ["", f"Host gaps in the profiled steps, {r['model']} (2 synced steps under the profiler; the "
-                  "table's host gaps are step - GPU busy of the untraced timing):", ""] + trace_gaps.gap_table(r["gaps"], per=2, top=12)
+                  "table's host gaps are step - GPU busy of the untraced timing):", ""]
+        lines += trace_gaps.gap_table(r["gaps"], per=2, top=12)
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     models = "_".join(m.replace("-", "").replace(".", "") for m in args.models.split(","))

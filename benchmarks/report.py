@@ -55,3 +55,80 @@ def parse_overrides(text: str, flag: str = "--set") -> dict:
                     value = raw
         out[key.strip()] = value
     return out
+
+
+class GPUClock:
+    """Samples the GPU's SM clock (MHz) and power draw (W) with ``nvidia-smi`` every ``period_ms`` while the
+    block runs: an H200 under training load sits at its power cap with the SM clock below the 1830 MHz that the
+    989 TFLOP/s peak assumes, so a throughput figure is read with the clock it ran at.
+
+        with report.GPUClock() as clk:
+            ... timed steps ...
+        clk.summary()  # "SM 1650 MHz (1395-1980), 688 W" or "" without nvidia-smi
+
+    ``cmd``: the sampling command (tests pass a stand-in); without nvidia-smi nothing is sampled."""
+
+    def __init__(self, period_ms: int = 200, index: int = 0, cmd: Optional[List[str]] = None):
+        self.cmd = cmd or ["nvidia-smi", f"--id={index}", "--query-gpu=clocks.sm,power.draw",
+                           "--format=csv,noheader,nounits", f"-lms={period_ms}"]
+        self.samples: List[tuple] = []
+        self._proc = None
+
+    def __enter__(self):
+        import subprocess
+
+        try:
+            self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except (FileNotFoundError, PermissionError):
+            self._proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return False
+        self._proc.terminate()
+        try:
+            out, _ = self._proc.communicate(timeout=5)
+        except Exception:  # noqa: BLE001 - a sampler that does not stop is killed; its samples are dropped
+            self._proc.kill()
+            out = ""
+        self.samples = parse_clock_samples(out)
+        return False
+
+    def median_mhz(self) -> Optional[float]:
+        return _median([s[0] for s in self.samples])
+
+    def summary(self) -> str:
+        """'SM <median> MHz (<min>-<max>), <median power> W' over the samples, '' when there are none."""
+        if not self.samples:
+            return ""
+        mhz = [s[0] for s in self.samples]
+        watts = [s[1] for s in self.samples if s[1] is not None]
+        power = f", {_median(watts):.0f} W" if watts else ""
+        return f"SM {_median(mhz):.0f} MHz ({min(mhz):.0f}-{max(mhz):.0f}){power}"
+
+
+def parse_clock_samples(text: str) -> List[tuple]:
+    """Lines 'clock_mhz, power_w' (nvidia-smi csv, noheader, nounits) -> [(mhz, watts or None)]; malformed
+    lines (e.g. '[N/A]') are skipped."""
+    out = []
+    for line in (text or "").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            mhz = float(parts[0])
+        except (ValueError, IndexError):
+            continue
+        try:
+            watts = float(parts[1]) if len(parts) > 1 else None
+        except ValueError:
+            watts = None
+        out.append((mhz, watts))
+    return out
+
+
+def _median(xs: List[float]) -> Optional[float]:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2

@@ -1,0 +1,25 @@
+"""benchmarks/report.py: the GPU clock sampler's parsing, its summary, and a sampler command that is missing."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+from report import GPUClock, parse_clock_samples  # noqa: E402
+
+
+def test_parse_clock_samples_skips_malformed_lines():
+    text = "1980, 124.5\n1650, 688.2\n[N/A], [N/A]\n1395, [N/A]\n\n"
+    assert parse_clock_samples(text) == [(1980.0, 124.5), (1650.0, 688.2), (1395.0, None)]
+
+
+def test_sampler_summary_from_a_stand_in_command():
+    cmd = [sys.executable, "-c", "print('1700, 690.0'); print('1500, 700.0'); print('1900, 650.0')"]
+    with GPUClock(cmd=cmd) as clk:
+        clk._proc.wait(timeout=30)  # the stand-in prints and exits; nvidia-smi would run until terminated
+    assert clk.median_mhz() == 1700.0
+    assert clk.summary() == "SM 1700 MHz (1500-1900), 690 W"
+
+
+def test_sampler_without_the_command_samples_nothing():
+    with GPUClock(cmd=["/nonexistent/nvidia-smi"]) as clk:
+        pass
+    assert clk.samples == [] and clk.summary() == "" and clk.median_mhz() is None
