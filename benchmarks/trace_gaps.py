@@ -128,8 +128,9 @@ def gap_table(res: Dict[str, object], per: int = 1, top: int = 15) -> List[str]:
     lines = [f"GPU idle {res['gap_us'] / per / 1e3:.2f} ms per step in {res['n_gaps'] / per:.0f} gaps per step "
              f"(busy {res['busy_us'] / per / 1e3:.2f} ms, span {res['span_us'] / per / 1e3:.2f} ms); "
              "gaps charged to the host ops around the launch of the kernel after the gap:", "",
-             f"| gap ms | gaps (in {per} steps) | host-bound ms | in host syncs ms | largest us | phase (outer host ops) | innermost op "
-             "| kernel after the largest |", "|---|---|---|---|---|---|---|---|"]
+             f"| gap ms | gaps (in {per} steps) | host-bound ms | in host syncs ms | largest us "
+             "| phase (outer host ops) | innermost op | kernel after the largest |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"][:top]:
         lines.append(f"| {r['gap_us'] / per / 1e3:.2f} | {r['n']} | {r['host_bound_us'] / per / 1e3:.2f} "
                      f"| {r['sync_us'] / per / 1e3:.2f} | {r['max_us']:.0f} | `{r['phase']}` | `{r['op']}` "
