@@ -105,16 +105,21 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
+
+    def train_step():  # one optimizer step; the timed loops below differ only in when they sync
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_of(kind, model, x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
     times = []
     with report.GPUClock() as clock:  # the SM clock and power while the steps are timed
         for i in range(warmup + steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_of(kind, model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step()
             torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -127,11 +132,7 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
         torch.cuda.synchronize()  # the same steps issued back to back, one sync at the end (a loop that logs rarely)
         t0 = time.perf_counter()
         for _ in range(steps):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_of(kind, model, x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step()
         torch.cuda.synchronize()
         tps_b2b = B * T * steps / (time.perf_counter() - t0)
     policy = ac_policy(int(ac) if isinstance(ac, bool) else ac)
