@@ -142,8 +142,7 @@ def choose_activation_policy(config: TNLConfig, batch_size: int, seq_len: int, b
     (fp32 for a low-precision ``dtype`` under "param": autocast over fp32 parameters; else ``dtype``)."""
     if not isinstance(budget_bytes, (int, float)) or isinstance(budget_bytes, bool) or budget_bytes < 0:
         raise ValueError(f"budget_bytes must be a non-negative number of bytes, got {budget_bytes!r}")
-    residual_dtype = _residual(config, dtype, residual_dtype)
-    for policy in POLICIES:
+    for policy in POLICIES:  # step_memory_bytes resolves residual_dtype None from the config
         if step_memory_bytes(config, policy, batch_size, seq_len, dtype, residual_dtype, state_bytes,
                              compiled) <= budget_bytes:
             return policy
