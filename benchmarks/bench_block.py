@@ -62,7 +62,7 @@ def merged_block(cfg, variant: str) -> TNLBlock:
     block = TNLBlock(cfg, 0)
     att, glu = block.token_mixer, block.channel_mixer
     if "qk" in variant:
-        def qkvu(x, fused_act=False, att=att, with_v="qkvu" in variant):
+        def qkvu(x, att=att, with_v="qkvu" in variant):
             shape = x.shape[:-1] + (att.n_heads, att.head_dim)
             if with_v:
                 q, k, v, u = _linear_cat(x, [att.q_proj, att.k_proj, att.v_proj, att.u_proj])
@@ -70,9 +70,7 @@ def merged_block(cfg, variant: str) -> TNLBlock:
             else:
                 q, k, u = _linear_cat(x, [att.q_proj, att.k_proj, att.u_proj])
                 v = att.v_proj(x)
-            if not fused_act:
-                q, k = att.qk_act(q), att.qk_act(k)
-            return q.view(shape), k.view(shape), v.view(shape), att.gate_act(u)
+            return att.qk_act(q).view(shape), att.qk_act(k).view(shape), v.view(shape), att.gate_act(u)
         att._qkvu = qkvu
     if "glu" in variant:
         def sglu(x, glu=glu):

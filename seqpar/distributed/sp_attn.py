@@ -45,7 +45,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..kernels.lightning_attn import lightning_attn
-from ..kernels.lightning_attn import activations, varlen
+from ..kernels.lightning_attn import varlen
 from ..kernels.lightning_attn.interface import check_static, check_values, fwd_op
 from . import comm
 from .sp_ops import check_global_cu_seqlens, sp_state_exchange
@@ -366,7 +366,6 @@ def sp_lightning_attn(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
     shard_offset: Optional[int] = None,
-    qk_act: Optional[str] = None,
 ) -> torch.Tensor:
     """Sequence-parallel Lightning Attention-2 over the ranks of ``group``.
 
@@ -385,8 +384,6 @@ def sp_lightning_attn(
         shard_offset: global position of this rank's first token. Default ``rank * T_local``
             (equal shards; then ``cu_seqlens[-1]`` must equal ``P * T_local``). Pass it to use
             unequal shards with ``cu_seqlens``.
-        qk_act: the feature map phi of q and k (as for :func:`seqpar.lightning_attn`); under SP it is applied
-            in torch before the exchange (not inside the kernels).
     Returns:
         o: [B, T_local, H, E], this rank's shard of the output, in q's dtype.
 
@@ -397,9 +394,6 @@ def sp_lightning_attn(
     are skipped, and an argument error found while tracing is raised on that rank only (with
     ``fullgraph=True`` as dynamo's ``Unsupported`` wrapping the ValueError).
     """
-    qk_act = activations.check(qk_act)
-    if qk_act != "none":
-        q, k = activations.apply(q, qk_act), activations.apply(k, qk_act)
     g = comm.as_group(group)
     P = comm.group_size(g)
     r = comm.group_rank(g)

@@ -104,10 +104,6 @@ class TNLConfig:
             Inference (validation, generation's prefill) runs the same chunks. Not with SP > 1.
         sp_mode: how sequence-parallel attention exchanges states: "allgather" or "ring".
         attn_backend: backend of the operator (None: triton on CUDA, torch on CPU).
-        fused_qk_act: hand ``qk_act`` to the operator (``lightning_attn(..., qk_act=...)``), whose Triton kernels
-            apply silu / relu to q and k on load and return the pre-activations' gradients, instead of the
-            model applying it to the projections (which writes phi(q), phi(k) and reads them back each way).
-            The math is the same either way.
     """
 
     vocab_size: int = 64000
@@ -135,7 +131,6 @@ class TNLConfig:
     residual_dtype: str = "param"
     sp_mode: str = "allgather"
     attn_backend: Optional[str] = None
-    fused_qk_act: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "loss_chunk_tokens"):
@@ -174,8 +169,6 @@ class TNLConfig:
             raise ValueError(f"TNLConfig.residual_dtype must be 'param' or 'autocast', got {self.residual_dtype!r}")
         if self.attn_backend not in (None, "triton", "torch"):
             raise ValueError(f"TNLConfig.attn_backend must be None, 'triton' or 'torch', got {self.attn_backend!r}")
-        if not isinstance(self.fused_qk_act, bool):
-            raise ValueError(f"TNLConfig.fused_qk_act must be a bool, got {self.fused_qk_act!r}")
         self.activation_checkpointing = normalize_activation_checkpointing(self.activation_checkpointing)
         if self.activation_offload and self.activation_checkpointing != "full":
             raise ValueError("TNLConfig.activation_offload needs activation_checkpointing=True ('full': it offloads "

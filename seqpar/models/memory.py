@@ -9,9 +9,6 @@ residual adds stay fp32 under autocast; 2 with "autocast"), d = d_model, i = n_h
     selective   r d + a (d + 5 i + 2 g)                     r d + a (2 d + 5 i + 2 g)
     full        r d                                         r d
 
-With ``fused_qk_act`` (the default; silu or relu) "none" keeps 2 a i less in both columns: the kernels read the
-pre-activations of q and k, which are GEMM outputs kept anyway, so phi(q) and phi(k) are not saved.
-
 With the residual in the activations' dtype (r = a, ``residual_dtype="autocast"``) "none" keeps a d more when
 compiled (the partitioner saves a normed input instead of recomputing it) and 2 a d less eager (the norms'
 outputs are already bf16: autocast casts no copy per projection): 2 r d + a (2 d + 8 i + 3 g) + 12 compiled,
@@ -78,12 +75,11 @@ def activation_bytes_per_token(config: TNLConfig, policy: str, dtype: torch.dtyp
     a, r = _itemsize(dtype), _itemsize(_residual(config, dtype, residual_dtype))
     d, i, g = config.d_model, config.inner_dim, config.glu_dim
     same = r == a  # the residual in the activations' dtype: the norms' outputs need no cast per GEMM
-    fused = 2 if (config.fused_qk_act and config.qk_act in ("silu", "relu")) else 0  # phi(q), phi(k) not kept
     if compiled:
-        none = 2 * r * d + a * ((2 if same else 1) * d + (8 - fused) * i + 3 * g) + 12
+        none = 2 * r * d + a * ((2 if same else 1) * d + 8 * i + 3 * g) + 12
         selective = r * d + a * (d + 5 * i + 2 * g)
     else:
-        none = 2 * r * d + a * ((4 if same else 6) * d + (10 - fused) * i + 3 * g) + 12
+        none = 2 * r * d + a * ((4 if same else 6) * d + 10 * i + 3 * g) + 12
         selective = r * d + a * (2 * d + 5 * i + 2 * g)
     full = r * d
     # gradients in flight while a block is back-propagated: the residual gradient both ways and the widest

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from ..kernels.lightning_attn import activations, lightning_attn
+from ..kernels.lightning_attn import lightning_attn
 from ..kernels.lightning_attn.interface import lightning_attn_as_op
 from ..kernels.linear_ce import linear_cross_entropy
 from .config import TNLConfig
@@ -163,7 +163,7 @@ class GatedLinearAttention(nn.Module):
         self.o_proj = nn.Linear(inner, d, bias=b)
         self.o_proj._is_residual_out = True
         self.norm = SimpleRMSNorm(config.norm_eps)
-        self.qk_act = functools.partial(activations.apply, qk_act=config.qk_act)
+        self.qk_act = _act(config.qk_act)
         self.gate_act = _act(config.gate_act)
         self.scale = config.attn_scale if config.attn_scale is not None else self.head_dim ** -0.5
         self._slope_values = layer_slopes(config, layer_idx)
@@ -197,13 +197,10 @@ class GatedLinearAttention(nn.Module):
             return self.log_slopes.float().exp()
         return self.slopes_buf
 
-    def _qkvu(self, x: torch.Tensor, fused_act: bool = False):
-        """q, k, v [.., H, D], u [.., inner]; fused_act: q, k before the activation (the operator applies it)."""
+    def _qkvu(self, x: torch.Tensor):
         shape = x.shape[:-1] + (self.n_heads, self.head_dim)
-        q, k = self.q_proj(x), self.k_proj(x)
-        if not fused_act:
-            q, k = self.qk_act(q), self.qk_act(k)
-        q, k = q.view(shape), k.view(shape)
+        q = self.qk_act(self.q_proj(x)).view(shape)
+        k = self.qk_act(self.k_proj(x)).view(shape)
         v = self.v_proj(x).view(shape)
         u = self.gate_act(self.u_proj(x))
         return q, k, v, u
@@ -216,9 +213,7 @@ class GatedLinearAttention(nn.Module):
                 as_op=False):
         """x [B, T, d] -> (y [B, T, d], ht [B|N, H, D, E] or None). ``as_op``: run the operator as the
         dispatched custom op (what selective checkpointing keeps)."""
-        fused = self.config.fused_qk_act
-        q, k, v, u = self._qkvu(x, fused)
-        qk_act = self.config.qk_act if fused else None
+        q, k, v, u = self._qkvu(x)
         slopes = self.slopes
         sp_group = self._sp_group if use_sp else None
         if _sp_size(sp_group) > 1:
@@ -228,7 +223,7 @@ class GatedLinearAttention(nn.Module):
 
             o = sp_lightning_attn(
                 q, k, v, slopes, group=sp_group, scale=self.scale, mode=self._sp_mode,
-                cu_seqlens=cu_seqlens, backend=self.config.attn_backend, qk_act=qk_act,
+                cu_seqlens=cu_seqlens, backend=self.config.attn_backend,
             )
             ht = None
         else:
@@ -238,7 +233,6 @@ class GatedLinearAttention(nn.Module):
             o, ht = attn(
                 q, k, v, slopes, scale=self.scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=self.config.attn_backend,
-                qk_act=qk_act,
             )
         return self._out(o, u), ht
 

@@ -51,7 +51,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from .activations import FUSED
 from .launch import (  # noqa: F401  (re-exported: the launch layer)
     _on,
     lightning_attn_bwd,
@@ -63,18 +62,9 @@ from .plan import CHUNK, _cdiv, _Plan, _seg_chunks_auto, get_plan  # noqa: F401 
 from .tuning import DEFAULT, LaunchConfig, from_env, resolve  # noqa: F401  (re-exported)
 
 
-def _act_code(qk_act: str) -> int:
-    """Kernel code of a fused qk_act (:data:`.activations.FUSED`); a ValueError for the others."""
-    code = FUSED.get(qk_act)
-    if code is None:
-        raise ValueError(f"qk_act of the Triton kernels must be one of {tuple(FUSED)}, got {qk_act!r} (apply "
-                         f"other activations before the operator: seqpar.lightning_attn does)")
-    return code
-
-
-def _keep(ctx, plan, cfg, scale, initial_state, slopes, act=0) -> None:
+def _keep(ctx, plan, cfg, scale, initial_state, slopes) -> None:
     """The non-tensor state the backward reads (besides ctx.lookback and the saved tensors)."""
-    ctx.plan, ctx.cfg, ctx.scale, ctx.act = plan, cfg, scale, act
+    ctx.plan, ctx.cfg, ctx.scale = plan, cfg, scale
     ctx.h0_given = initial_state is not None
     ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
     ctx.slopes_dtype = slopes.dtype
@@ -82,8 +72,7 @@ def _keep(ctx, plan, cfg, scale, initial_state, slopes, act=0) -> None:
 
 class LightningAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, slopes, scale, initial_state, cu_seqlens, seg_chunks, cfg, act=0):
-        """act: kernel code of phi (q, k are then pre-activations; see :mod:`.activations`)."""
+    def forward(ctx, q, k, v, slopes, scale, initial_state, cu_seqlens, seg_chunks, cfg):
         B, T, H, D = q.shape
         E = v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -94,14 +83,14 @@ class LightningAttnFunction(torch.autograd.Function):
         ctx.lookback = mode is True  # look-back backward too
         with _on(q.device):
             if mode is True:
-                o, ht, _ = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan, cfg, act=act)
+                o, ht, _ = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan, cfg)
                 hbuf = h0  # the backward recomputes the states; it needs h0 for dq
             elif mode == "fwd":
-                o, ht, hbuf = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan, cfg, store_states=True, act=act)
+                o, ht, hbuf = lightning_attn_fwd_lb(q, k, v, s, scale, h0, plan, cfg, store_states=True)
             else:
-                o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan, cfg, act=act)
+                o, ht, hbuf = lightning_attn_fwd(q, k, v, s, scale, h0, plan, cfg)
         ctx.save_for_backward(q, k, v, s, hbuf, ht)
-        _keep(ctx, plan, cfg, scale, initial_state, slopes, act)
+        _keep(ctx, plan, cfg, scale, initial_state, slopes)
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -119,10 +108,10 @@ class LightningAttnFunction(torch.autograd.Function):
         with _on(q.device):
             if ctx.lookback:
                 dq, dk, dv, dh0, dG = lightning_attn_bwd_lb(q, k, v, do, dht_f, s, ctx.scale, hbuf, plan, cfg,
-                                                            compute_dg, act=ctx.act)
+                                                            compute_dg)
             else:
                 dq, dk, dv, dh0, dG = lightning_attn_bwd(
-                    q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, cfg, compute_dg, ds_state, act=ctx.act
+                    q, k, v, do, dht_f, s, ctx.scale, ctx.h0_given, hbuf, plan, cfg, compute_dg, ds_state
                 )
         dslopes = None
         if ds_state:
@@ -136,7 +125,7 @@ class LightningAttnFunction(torch.autograd.Function):
             dslopes = ds.to(ctx.slopes_dtype)
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dslopes, None, dh0, None, None, None, None
+        return dq, dk, dv, dslopes, None, dh0, None, None, None
 
 
 class _Ctx:
@@ -155,17 +144,15 @@ class _Ctx:
 
 
 def chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do, dht, seg_chunks=None,
-                               config: Optional[LaunchConfig] = None, need_dslopes: bool = True, qk_act: str = "none"):
+                               config: Optional[LaunchConfig] = None, need_dslopes: bool = True):
     """Forward then backward of the kernels without autograd: (dq, dk, dv, dslopes or None, dh0 or None).
 
     Shapes as in :func:`chunk_lightning_attn`; do [B, T, H, E], dht [N, H, D, E] (or None).
-    config: launch values (None: :func:`tuning.from_env`). need_dslopes: False skips the slope gradient.
-    qk_act: as for :func:`chunk_lightning_attn` (dq, dk are then the pre-activations' gradients)."""
+    config: launch values (None: :func:`tuning.from_env`). need_dslopes: False skips the slope gradient."""
     cfg = resolve(config).for_grads(need_dslopes)
-    act = _act_code(qk_act)
     ctx = _Ctx((True, True, True, bool(need_dslopes), False, initial_state is not None, False, False, False))
-    LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks, cfg, act)
-    dq, dk, dv, ds, _, dh0, _, _, _, _ = LightningAttnFunction.backward(ctx, do, dht)
+    LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks, cfg)
+    dq, dk, dv, ds, _, dh0, _, _, _ = LightningAttnFunction.backward(ctx, do, dht)
     return dq, dk, dv, ds, dh0
 
 
@@ -187,16 +174,14 @@ def op_segments(q, v, cu_seqlens, cfg: LaunchConfig):
 
 
 def chunk_lightning_attn_fwd_saved(q, k, v, slopes, scale, initial_state, cu_seqlens, slope_grad: bool,
-                                   config: Optional[LaunchConfig] = None, qk_act: str = "none"):
+                                   config: Optional[LaunchConfig] = None):
     """Forward for the custom op: (o [B, T, H, E], ht [N, H, D, E] fp32, hbuf fp32 of the shape
     :func:`op_segments` gives), hbuf the segment states the backward reads. slope_grad: the slopes will
-    need a gradient (state_bf16 "auto"). qk_act: as for :func:`chunk_lightning_attn`."""
+    need a gradient (state_bf16 "auto")."""
     cfg = resolve(config).for_grads(slope_grad)
-    act = _act_code(qk_act)
     seg, shape = op_segments(q, v, cu_seqlens, cfg)
     ctx = _Ctx((True, True, True, bool(slope_grad), False, initial_state is not None, False, False, False))
-    o, ht = LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg, cfg,
-                                          act)
+    o, ht = LightningAttnFunction.forward(ctx, q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg, cfg)
     if shape == (0,):
         return o, ht, ht.new_empty(0)
     hbuf = ctx.saved_tensors[4]
@@ -208,11 +193,10 @@ def chunk_lightning_attn_fwd_saved(q, k, v, slopes, scale, initial_state, cu_seq
 
 
 def chunk_lightning_attn_bwd_saved(q, k, v, do, dht, slopes, scale, initial_state, cu_seqlens, hbuf, ht,
-                                   need_dslopes: bool, config: Optional[LaunchConfig] = None, qk_act: str = "none"):
+                                   need_dslopes: bool, config: Optional[LaunchConfig] = None):
     """Backward for the custom op from the forward's hbuf / ht (see :func:`chunk_lightning_attn_fwd_saved`):
     (dq, dk, dv, dslopes or None, dh0 or None); do [B, T, H, E], dht [N, H, D, E] or None."""
     cfg = resolve(config).for_grads(need_dslopes)
-    act = _act_code(qk_act)
     seg, _ = op_segments(q, v, cu_seqlens, cfg)
     B, T, H, D = q.shape
     plan = get_plan(B, T, H, D, v.shape[-1], cu_seqlens, q.device, cfg, seg)
@@ -220,8 +204,8 @@ def chunk_lightning_attn_bwd_saved(q, k, v, do, dht, slopes, scale, initial_stat
     s = slopes.detach().float().contiguous()
     ctx.saved_tensors = (q.contiguous(), k.contiguous(), v.contiguous(), s, hbuf[: plan.NSEG], ht)
     ctx.lookback = False
-    _keep(ctx, plan, cfg, float(scale), initial_state, slopes, act)
-    dq, dk, dv, ds, _, dh0, _, _, _, _ = LightningAttnFunction.backward(ctx, do, dht)
+    _keep(ctx, plan, cfg, float(scale), initial_state, slopes)
+    dq, dk, dv, ds, _, dh0, _, _, _ = LightningAttnFunction.backward(ctx, do, dht)
     return dq, dk, dv, ds, dh0
 
 
@@ -236,7 +220,6 @@ def chunk_lightning_attn(
     cu_seqlens: Optional[torch.Tensor] = None,
     seg_chunks: Optional[int] = None,
     config: Optional[LaunchConfig] = None,
-    qk_act: str = "none",
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Triton Lightning Attention-2 (inputs validated by :func:`lightning_attn`).
 
@@ -245,11 +228,7 @@ def chunk_lightning_attn(
     seg_chunks: chunks of 64 tokens per segment (None: config.seg_chunks, else chosen from the size and the GPU).
     config: launch values, a :class:`LaunchConfig` (None: :func:`tuning.from_env`, i.e. DEFAULT with the
     environment's SEQPAR_LA_CONFIG overrides).
-    qk_act: the feature map phi applied to q and k inside the kernels ("none", "silu", "relu"): o = LA(phi(q),
-    phi(k), v), with q, k the pre-activations and their gradients returned.
     """
     cfg = resolve(config).for_grads(torch.is_grad_enabled() and slopes.requires_grad)
-    act = _act_code(qk_act)
-    o, ht = LightningAttnFunction.apply(q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks, cfg,
-                                        act)
+    o, ht = LightningAttnFunction.apply(q, k, v, slopes, float(scale), initial_state, cu_seqlens, seg_chunks, cfg)
     return o, (ht if output_final_state else None)

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import activations, varlen
+from . import varlen
 from .torch_chunk import torch_chunk_lightning_attn
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -180,43 +180,31 @@ def check_values(q, k, v, slopes, initial_state, cu_seqlens, backend: str) -> in
     return N
 
 
-def _feature_map(q, k, qk_act: str, backend: str):
-    """(q, k, the qk_act left to the kernels): the activations the Triton kernels apply (activations.FUSED)
-    stay with them; the others, and every activation on the torch backend, are applied here in torch."""
-    if qk_act == "none" or (backend == "triton" and qk_act in activations.FUSED):
-        return q, k, qk_act
-    return activations.apply(q, qk_act), activations.apply(k, qk_act), "none"
-
-
 def lightning_attn_as_op(q, k, v, slopes, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-                         backend=None, qk_act=None):
+                         backend=None):
     """:func:`lightning_attn` (same arguments and returns) through the dispatched custom op
     ``seqpar::lightning_attn_fwd``: what torch.compile traces, and what selective checkpointing sees and keeps
     in eager mode. While torch.compile traces, only the checks that read no values run (:func:`check_static`;
     the others would break the graph; the op's implementation reads cu_seqlens); in eager mode the inputs are
     validated in full."""
-    qk_act = activations.check(qk_act)
     if torch.compiler.is_compiling():
         backend = check_static(q, k, v, slopes, scale, cu_seqlens, backend)
     else:
         _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
-    o, ht = fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, qk_act=qk_act)
+    o, ht = fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     return o, (ht if output_final_state else None)
 
 
-def fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend: str, cu_offset: int = -1,
-           qk_act: str = "none"):
+def fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend: str, cu_offset: int = -1):
     """``seqpar::lightning_attn_fwd`` on checked inputs with a resolved backend: (o [B, T, H, E], ht [N, H, D, E]).
     scale None: D**-0.5; the slopes' gradient is requested when they require one under grad mode. cu_offset:
-    see :func:`seqpar.kernels.lightning_attn.ops.lightning_attn_fwd_op` (global offsets of a shard). qk_act: the
-    feature map of q and k (a checked name; see :func:`lightning_attn`)."""
+    see :func:`seqpar.kernels.lightning_attn.ops.lightning_attn_fwd_op` (global offsets of a shard)."""
     from .ops import lightning_attn_fwd_op
 
-    q, k, qk_act = _feature_map(q, k, qk_act, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     slope_grad = torch.is_grad_enabled() and slopes.requires_grad
     o, ht, _ = lightning_attn_fwd_op(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad,
-                                     cu_offset, qk_act)
+                                     cu_offset)
     return o, ht
 
 
@@ -230,9 +218,8 @@ def lightning_attn(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
-    qk_act: Optional[str] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Lightning Attention-2: causal linear attention with per-head exponential decay, o = LA(phi(q), phi(k), v).
+    """Lightning Attention-2: causal linear attention with per-head exponential decay.
 
     Args:
         q, k: [B, T, H, D]; v: [B, T, H, E] (fp16, bf16, fp32; fp64 on the torch backend).
@@ -242,23 +229,16 @@ def lightning_attn(
         output_final_state: also return the state after the last token.
         cu_seqlens: int [N+1] offsets of packed documents (B == 1); the state resets at each.
         backend: "triton", "torch" or None (triton for CUDA tensors, torch otherwise).
-        qk_act: the feature map phi of q and k: None / "none", "silu", "relu", "elu1" (1 + elu), "sigmoid".
-            q, k are then the pre-activations, and their gradients are returned. The Triton kernels apply
-            "silu" and "relu" on load (no phi(q), phi(k) written or read back); the others run in torch first.
     Returns:
         o [B, T, H, E] in the input dtype, and ht [N, H, D, E] or None: fp32 (fp64 for fp64 inputs,
         torch backend only, which keeps fp64 computations an fp64 reference end to end).
     """
     if torch.compiler.is_compiling():
-        return lightning_attn_as_op(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, backend,
-                                    qk_act)
-    qk_act = activations.check(qk_act)
+        return lightning_attn_as_op(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, backend)
     _, backend = validate_inputs(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
-    q, k, qk_act = _feature_map(q, k, qk_act, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":
         return torch_chunk_lightning_attn(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
     from .chunk import chunk_lightning_attn  # imports triton lazily
 
-    return chunk_lightning_attn(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens,
-                                qk_act=qk_act)
+    return chunk_lightning_attn(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)

@@ -65,37 +65,6 @@ def _sdot_l(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
-def _act(x, ACT: tl.constexpr, UP: tl.constexpr):
-    """phi(x) of a loaded q or k tile, computed in fp32 and rounded to x's dtype (as torch computes the
-    activation of a bf16 tensor). ACT: 0 none, 1 silu, 2 relu (see :mod:`.activations`). phi(0) = 0 for
-    each, so the masked (zero-filled) rows and columns of a tile stay zero."""
-    if ACT == 0:
-        return x
-    else:
-        xf = x.to(tl.float32)
-        if ACT == 1:
-            y = xf * tl.sigmoid(xf)
-        else:
-            y = tl.maximum(xf, 0.0)
-        return _round(y, x.dtype, UP)
-
-
-@triton.jit
-def _act_grad(g, x, ACT: tl.constexpr):
-    """g * phi'(x): g (fp32) the gradient with respect to phi(x), x the pre-activation tile."""
-    if ACT == 0:
-        return g
-    else:
-        xf = x.to(tl.float32)
-        if ACT == 1:
-            s = tl.sigmoid(xf)
-            d = s * (1.0 + xf * (1.0 - s))
-        else:
-            d = tl.where(xf > 0, 1.0, 0.0)
-        return g * d
-
-
-@triton.jit
 def _block_coords(pid, H, D, E, BD: tl.constexpr, BE: tl.constexpr):
     """(row, head, D block, E block) of program pid over a grid of rows x H x D blocks x E blocks (E fastest)."""
     NEB = tl.cdiv(E, BE)
@@ -154,9 +123,9 @@ def _seg_state_kernel(
     T, H, D, E, NS, SEG_T, w_scale,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     FROM_END: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-    STATE: tl.constexpr, ACT_A: tl.constexpr,
+    STATE: tl.constexpr,
 ):
-    """out[seg, h] = w_scale * sum_t w_t phi(a_t)^T b_t over the tokens of one segment (phi: ACT_A).
+    """out[seg, h] = w_scale * sum_t w_t a_t^T b_t over the tokens of one segment.
 
     FROM_END: w_t = lambda^(end-1-t) (forward: k, v); else w_t = lambda^(t-start+1) (backward: q, do).
     a: [*, H, D], b: [*, H, E]; out: [NSEG, H, D, E] fp32.
@@ -177,7 +146,6 @@ def _seg_state_kernel(
         tok64 = tok.to(tl.int64)
         # a^T tile [BD, BT], b tile [BT, BE]
         aT = tl.load(a_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
-        aT = _act(aT, ACT_A, UP)
         bb = tl.load(b_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         if FROM_END:
             ex = tl.where(m_t, end - 1 - tok, 0).to(tl.float32)
@@ -244,7 +212,7 @@ def _fwd_out_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, hbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
     i_e, h, pid_s, start, end, slope = _seg_program(tl.program_id(0), H, tl.cdiv(E, BE), slopes_ptr, cu_ptr,
                                                     segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
@@ -263,10 +231,8 @@ def _fwd_out_kernel(
         tok = cs + o_t
         m_t = o_t < L
         tok64 = tok.to(tl.int64)
-        q = _act(tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                         other=0.0), ACT, UP)
-        kT = _act(tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
-                          other=0.0), ACT, UP)
+        q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        kT = tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
         v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         A = _dot(q, kT, PREC, UP) * decay
         o = _dot(A.to(v.dtype), v, PREC, UP)
@@ -288,11 +254,9 @@ def _bwd_dqdk_kernel(
     scale, T, H, D, E, NS, SEG_T, NTOK,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
-    DO_DK: tl.constexpr, STORE_G: tl.constexpr, ACT: tl.constexpr,
+    DO_DK: tl.constexpr, STORE_G: tl.constexpr,
 ):
     """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
-    With ACT, q and k hold the pre-activations: the walks use phi(q), phi(k), and dq, dk are stored as the
-    gradients of the pre-activations (dq * phi'(q)).
 
     dq_i = scale * [ sum_{j<=i} lambda^(i-j) (do_i.v_j) k_j + lambda^(i+1) do_i S_in^T ]
     dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i + lambda^(L-1-j) v_j R^T
@@ -323,12 +287,10 @@ def _bwd_dqdk_kernel(
         tok64 = tok.to(tl.int64)
         do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         vT = tl.load(v_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
-        k = _act(tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                         other=0.0), ACT, UP)
+        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
         if STORE_G:
             # N_s += q^T (lambda^(t-start+1) do): the weight scales the rows of the [BT, BD] q block
-            qT = _act(tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
-                              other=0.0), ACT, UP)
+            qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
             g_w = tl.exp(-slope * tl.where(m_t, tok - start + 1, 0).to(tl.float32))
             G += _sdot_l(qT.to(tl.float32) * g_w[None, :], do, STATE, PREC, UP)
         A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
@@ -339,13 +301,11 @@ def _bwd_dqdk_kernel(
         ST = ST * tl.exp(-slope * L.to(tl.float32)) + _sdot(vT, kd, STATE, PREC, UP)
         dq = dq * scale
         m_td = m_t[:, None] & m_d[None, :]
-        if COMPUTE_DG or ACT != 0:
-            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
-            if COMPUTE_DG:
-                g = tl.sum(_act(q, ACT, UP).to(tl.float32) * dq, axis=1)
-                tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
-            dq = _act_grad(dq, q, ACT)
         tl.store(dq_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_td)
+        if COMPUTE_DG:
+            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            g = tl.sum(q.to(tl.float32) * dq, axis=1)
+            tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
     if STORE_G:
         tl.store(gbuf_ptr + sbase + o_d[:, None] * E + o_e[None, :], G * scale, mask=m_d[:, None] & m_e[None, :])
 
@@ -362,20 +322,18 @@ def _bwd_dqdk_kernel(
             m_td = m_t[:, None] & m_d[None, :]
             doT = tl.load(do_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
             v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
-            q = _act(tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0), ACT, UP)
+            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
             A2T = _dot(v, doT, PREC, UP) * tl.trans(decay)  # [j, i]
             dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
             k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
             qd = q.to(tl.float32) * (q_w * scale)[:, None]
             dk += _sdot(v, RT, STATE, PREC, UP) * k_w[:, None]
             RT = RT * tl.exp(-slope * L.to(tl.float32)) + _sdot(doT, qd, STATE, PREC, UP)
-            if COMPUTE_DG or ACT != 0:
-                k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
-                if COMPUTE_DG:
-                    g = tl.sum(_act(k, ACT, UP).to(tl.float32) * dk, axis=1)
-                    tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
-                dk = _act_grad(dk, k, ACT)
             tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+            if COMPUTE_DG:
+                k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+                g = tl.sum(k.to(tl.float32) * dk, axis=1)
+                tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T", "NS"])
@@ -384,11 +342,9 @@ def _bwd_dv_kernel(
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-    DO_DK: tl.constexpr, COMPUTE_DG: tl.constexpr, ACT: tl.constexpr,
+    DO_DK: tl.constexpr, COMPUTE_DG: tl.constexpr,
 ):
-    """With ACT, q and k hold pre-activations (phi applied on load; dk stored as the pre-activation's gradient).
-
-    dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block.
+    """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block.
 
     DO_DK (only when one E block covers E): also dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i
     + lambda^(L-1-j) v_j R^T in the same reverse walk (and k.dk for the slope gradient).
@@ -412,10 +368,8 @@ def _bwd_dv_kernel(
         tok = cs + o_t
         m_t = o_t < L
         tok64 = tok.to(tl.int64)
-        k_in = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        k = _act(k_in, ACT, UP)
-        qT = _act(tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
-                          other=0.0), ACT, UP)
+        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
         do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         AT = _dot(k, qT, PREC, UP) * decayT  # [j, i]
         dv = _dot(AT.to(do.dtype), do, PREC, UP) * scale
@@ -430,11 +384,10 @@ def _bwd_dv_kernel(
             A2T = _dot(v, tl.trans(do), PREC, UP) * decayT  # [j, i]
             dk = _dot(A2T.to(qT.dtype), tl.trans(qT), PREC, UP) * scale
             dk += _sdot(v, tl.trans(R), STATE, PREC, UP) * k_w[:, None]
+            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
             if COMPUTE_DG:
                 g = tl.sum(k.to(tl.float32) * dk, axis=1)
                 tl.store(dgk_ptr + tok64 * H + h, g, mask=m_t)
-            dk = _act_grad(dk, k_in, ACT)
-            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
         dod = do.to(tl.float32) * q_w[:, None]
         R = R * tl.exp(-slope * L.to(tl.float32)) + _sdot(qT, dod, STATE, PREC, UP)
 
@@ -447,7 +400,7 @@ def _lb_walk_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
     REVERSE: tl.constexpr, TRANS_INIT: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FIN: tl.constexpr,
     STORE_SBUF: tl.constexpr, COMPUTE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr,
-    UP: tl.constexpr, ACT_A: tl.constexpr, ACT_B: tl.constexpr, ACT_C: tl.constexpr, ACT_OUT: tl.constexpr,
+    UP: tl.constexpr,
 ):
     """One-pass chunk walk with a chained look-back between consecutive segments of a sequence.
 
@@ -468,9 +421,6 @@ def _lb_walk_kernel(
     slots suffice: the successor of a slot's next writer has read the slot.
     STORE_SBUF: also store the state entering each segment, sbuf [NSEG, H, DA, DC] (forward: the
     segment states the scan-path backward reads).
-    ACT_A, ACT_B, ACT_C: the activation phi applied to a, b, c on load (they hold pre-activations);
-    ACT_OUT: out is stored as out * phi'(x), x the pre-activation (the gradient of a pre-activation), and
-    COMPUTE_DG sums phi(x).out.
     """
     NCB = tl.cdiv(DC, BC)
     t = tl.atomic_add(sync_ptr, 1)
@@ -516,10 +466,8 @@ def _lb_walk_kernel(
         tok = cs + o_t
         m_t = tok < end
         tok64 = tok.to(tl.int64)
-        bT = _act(tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                          other=0.0), ACT_B, UP)
-        cc = _act(tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_t[:, None] & m_c[None, :],
-                          other=0.0), ACT_C, UP)
+        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
         if REVERSE:
             ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
         else:
@@ -574,11 +522,9 @@ def _lb_walk_kernel(
         m_t = o_t < L
         tok64 = tok.to(tl.int64)
         m_tc = m_t[:, None] & m_c[None, :]
-        a = _act(tl.load(a_ptr + (tok64[:, None] * H + h) * DA + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                         other=0.0), ACT_A, UP)
-        bT = _act(tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                          other=0.0), ACT_B, UP)
-        cc = _act(tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0), ACT_C, UP)
+        a = tl.load(a_ptr + (tok64[:, None] * H + h) * DA + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
         A = _dot(a, bT, PREC, UP) * decay
         out = _dot(A.to(cc.dtype), cc, PREC, UP) * alpha
         w_L = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
@@ -591,13 +537,11 @@ def _lb_walk_kernel(
         cd = cc.to(tl.float32) * bw[:, None]
         out += _sdot(a, S, STATE, PREC, UP) * aw[:, None]
         S = S * tl.exp(-slope * L.to(tl.float32)) + _sdot(bT, cd, STATE, PREC, UP)
-        if COMPUTE_DG or ACT_OUT != 0:
-            x = tl.load(x_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
-            if COMPUTE_DG:
-                g = tl.sum(_act(x, ACT_OUT, UP).to(tl.float32) * out, axis=1)
-                tl.store(g_ptr + i_c.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
-            out = _act_grad(out, x, ACT_OUT)
         tl.store(out_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], out.to(out_ptr.dtype.element_ty), mask=m_tc)
+        if COMPUTE_DG:
+            x = tl.load(x_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
+            g = tl.sum(x.to(tl.float32) * out, axis=1)
+            tl.store(g_ptr + i_c.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
     if STORE_FIN:
         if p == nseg - 1:
             tl.store(fin_ptr + nh + ioff, S, mask=m_kc)
@@ -609,7 +553,7 @@ def _dslopes_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, hbuf_ptr, gbuf_ptr, part_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
     scale, T, H, D, E, NS, SEG_T,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, ACT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
 ):
     """One segment's part of the slope gradient, for one (D block, E block) of one head: part[pid].
 
@@ -652,10 +596,8 @@ def _dslopes_kernel(
         tok = cs + o_t
         m_t = o_t < L
         tok64 = tok.to(tl.int64)
-        q = _act(tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                         other=0.0), ACT, UP)
-        kT = _act(tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
-                          other=0.0), ACT, UP)
+        q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        kT = tl.load(k_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
         do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
         # inside the chunk: sum_{j<t} (t-j) lambda^(t-j) (q_t.k_j)(do_t.v_j), on this D and E block

@@ -148,8 +148,8 @@ def _new(shape, dtype, device, poison: bool):
     return x
 
 
-def _seg_states(a, b, slopes, plan, cfg: LaunchConfig, w_scale, from_end, prec, act_a=0):
-    """[NSEG, H, D, E] fp32 segment contributions; act_a: the kernel code of phi applied to a."""
+def _seg_states(a, b, slopes, plan, cfg: LaunchConfig, w_scale, from_end, prec):
+    """[NSEG, H, D, E] fp32 segment contributions."""
     H, D, E = plan.H, plan.D, plan.E
     dev = a.device
     out = torch.empty(plan.NSEG, H, D, E, dtype=torch.float32, device=dev)
@@ -164,7 +164,7 @@ def _seg_states(a, b, slopes, plan, cfg: LaunchConfig, w_scale, from_end, prec, 
         plan.segstart if plan.is_varlen else d,
         plan.T, H, D, E, plan.NS, plan.SEG_T, float(w_scale),
         BT=CHUNK, BD=BD, BE=BE, FROM_END=from_end, IS_VARLEN=plan.is_varlen, PREC=prec, UP=_up(a),
-        STATE=_state_mode(cfg, a.dtype), ACT_A=act_a, fast_launch=cfg.fast_launch,
+        STATE=_state_mode(cfg, a.dtype), fast_launch=cfg.fast_launch,
         **_launch(cfg, "seg", D, E),
     )
     return out
@@ -196,15 +196,15 @@ def _seg_args(plan, dev):
     return d, d, d
 
 
-def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig, act=0):
+def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig):
     """Segment states + scan + output walk. q, k [B, T, H, D], v [B, T, H, E], slopes [H] fp32, h0
-    [N, H, D, E] fp32 or None; act: kernel code of phi applied to q and k (:mod:`.activations`). Returns o [B, T, H, E], ht [N, H, D, E] fp32, hbuf [NSEG, H, D, E] fp32
+    [N, H, D, E] fp32 or None. Returns o [B, T, H, E], ht [N, H, D, E] fp32, hbuf [NSEG, H, D, E] fp32
     (the state entering each segment, for the backward)."""
     H, D, E = plan.H, plan.D, plan.E
     dev = q.device
     prec = _prec(cfg, q.dtype)
     state_mode = _state_mode(cfg, q.dtype)
-    hbuf = _seg_states(k, v, slopes, plan, cfg, 1.0, True, prec, act)
+    hbuf = _seg_states(k, v, slopes, plan, cfg, 1.0, True, prec)
     ht = _scan(hbuf, h0, slopes, plan, cfg, reverse=False, store_fin=True)
     o = _new(v.shape, q.dtype, dev, cfg.poison)
     if plan.NSEG > 0:
@@ -215,19 +215,18 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig, act=
             _fwd_out_kernel, grid,
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
-            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q), ACT=act,
+            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
             fast_launch=cfg.fast_launch, **_launch(cfg, "fwd", D, E),
         )
     return o, ht, hbuf
 
 
 def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cfg: LaunchConfig, compute_dg,
-                       ds_state: bool = False, act=0):
+                       ds_state: bool = False):
     """Backward from the forward's segment states hbuf [NSEG, H, D, E]. do [B, T, H, E], dht [N, H, D, E]
     fp32 or None. Returns dq, dk, dv, dh0 [N, H, D, E] fp32 (or None), dG [B*T, H] fp32 (or None): the
     rowwise q.dq - k.dk of the slope gradient, with compute_dg; ds_state: the slope gradient [H] fp32
-    from the derivative-state kernel (see kernels._dslopes_kernel) instead, in place of dG. act: q and k are
-    pre-activations (phi applied on load), and dq, dk their gradients.
+    from the derivative-state kernel (see kernels._dslopes_kernel) instead, in place of dG.
 
     Fused path (dk in the dv kernel): dq walk (+ backward segment states) -> reverse scan -> dk/dv walk.
     Unfused: segment states of (q, do) -> reverse scan -> dq/dk walks -> dv walk.
@@ -274,7 +273,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, ACT=act, fast_launch=cfg.fast_launch,
+            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, fast_launch=cfg.fast_launch,
             **_launch(cfg, "dqdk", D, E),
         )
 
@@ -283,7 +282,7 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         dq_walk(gbuf)
         dh0 = _scan(gbuf, dht, slopes, plan, cfg, reverse=True, store_fin=h0_given)
     else:
-        gbuf = _seg_states(q, do, slopes, plan, cfg, scale, False, prec, act)
+        gbuf = _seg_states(q, do, slopes, plan, cfg, scale, False, prec)
         dh0 = _scan(gbuf, dht, slopes, plan, cfg, reverse=True, store_fin=h0_given)
         dq_walk(gbuf)
     _call(
@@ -291,15 +290,15 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
         float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
         BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-        DO_DK=fuse, COMPUTE_DG=compute_dg, ACT=act, fast_launch=cfg.fast_launch, **_launch(cfg, kind_v, D, E),
+        DO_DK=fuse, COMPUTE_DG=compute_dg, fast_launch=cfg.fast_launch, **_launch(cfg, kind_v, D, E),
     )
     dG = dgq.sum(0) - dgk.sum(0) if compute_dg else None
     if ds_state:
-        dG = _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg, act)
+        dG = _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg)
     return dq, dk, dv, dh0, dG
 
 
-def _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg: LaunchConfig, act=0):
+def _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg: LaunchConfig):
     """The slope gradient [H] fp32 from hbuf (the state entering each segment) and gbuf (the state gradient
     entering it from the right), both [NSEG, H, D, E] fp32: one _dslopes_kernel launch and a sum."""
     H, D, E = plan.H, plan.D, plan.E
@@ -312,7 +311,7 @@ def _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg: LaunchConfig, ac
         q, k, v, do, hbuf, gbuf, part, slopes, *_seg_args(plan, dev),
         float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
         BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=_state_mode(cfg, q.dtype),
-        PREC=_prec(cfg, q.dtype), UP=_up(q), ACT=act, fast_launch=cfg.fast_launch, **_launch(cfg, "dsl", D, E),
+        PREC=_prec(cfg, q.dtype), UP=_up(q), fast_launch=cfg.fast_launch, **_launch(cfg, "dsl", D, E),
     )
     return -part.view(plan.NSEG, H, nb).sum((0, 2))
 
@@ -321,9 +320,8 @@ def _dslopes(q, k, v, do, hbuf, gbuf, slopes, scale, plan, cfg: LaunchConfig, ac
 
 
 def _lb_walk(a, b, c, out, slopes, plan, cfg: LaunchConfig, kind, reverse, init, trans_init, fin, alpha, gamma,
-             beta, sync, x=None, g=None, sbuf=None, acts=(0, 0, 0, 0)):
-    """Launch _lb_walk_kernel: out = LA(a, b, c) (see its docstring); sync: zeroed int32 [1 + 2 * lanes];
-    acts: kernel codes of phi on a, b, c and of the chain rule on out (x: the pre-activation)."""
+             beta, sync, x=None, g=None, sbuf=None):
+    """Launch _lb_walk_kernel: out = LA(a, b, c) (see its docstring); sync: zeroed int32 [1 + 2 * lanes]."""
     H = plan.H
     DA, DC = a.shape[-1], c.shape[-1]
     dev = a.device
@@ -343,8 +341,8 @@ def _lb_walk(a, b, c, out, slopes, plan, cfg: LaunchConfig, kind, reverse, init,
         float(alpha), float(gamma), float(beta), plan.T, H, DA, DC, plan.N, NP, pf_t, a.shape[0] * a.shape[1],
         BT=CHUNK, BK=BK, BC=BC, REVERSE=reverse, TRANS_INIT=trans_init, HAS_INIT=init is not None,
         STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None, IS_VARLEN=plan.is_varlen,
-        STATE=_state_mode(cfg, a.dtype), PREC=_prec(cfg, a.dtype), UP=_up(a), ACT_A=acts[0], ACT_B=acts[1],
-        ACT_C=acts[2], ACT_OUT=acts[3], fast_launch=cfg.fast_launch, **_launch(cfg, kind, DA, DC),
+        STATE=_state_mode(cfg, a.dtype), PREC=_prec(cfg, a.dtype), UP=_up(a), fast_launch=cfg.fast_launch,
+        **_launch(cfg, kind, DA, DC),
     )
 
 
@@ -358,10 +356,10 @@ def _fill_empty(fin, init, empty):
         fin[empty] = init[empty] if init is not None else 0.0
 
 
-def lightning_attn_fwd_lb(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig, store_states=False, act=0):
+def lightning_attn_fwd_lb(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig, store_states=False):
     """Look-back forward (shapes as :func:`lightning_attn_fwd`): returns o, ht [N, H, D, E] fp32 and, with
     store_states (plan.lb_chunks must equal plan.seg_chunks), hbuf [NSEG, H, D, E] fp32: the state
-    entering each segment (else None). act: kernel code of phi applied to q and k."""
+    entering each segment (else None)."""
     H, D, E = plan.H, plan.D, plan.E
     dev = q.device
     o = _new(v.shape, q.dtype, dev, cfg.poison)
@@ -373,16 +371,15 @@ def lightning_attn_fwd_lb(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig, s
     _, _, _, n_pos, empty = plan.lb_layout(dev)
     if n_pos > 0:
         sync = torch.zeros(1 + 2 * _lb_lanes(plan, cfg, "fwd", D, E), dtype=torch.int32, device=dev)
-        _lb_walk(q, k, v, o, slopes, plan, cfg, "fwd", False, h0, False, ht, scale, scale, 1.0, sync, sbuf=hbuf,
-                 acts=(act, act, 0, 0))
+        _lb_walk(q, k, v, o, slopes, plan, cfg, "fwd", False, h0, False, ht, scale, scale, 1.0, sync, sbuf=hbuf)
     _fill_empty(ht, h0, empty)
     return o, ht, hbuf
 
 
-def lightning_attn_bwd_lb(q, k, v, do, dht, slopes, scale, h0, plan, cfg: LaunchConfig, compute_dg, act=0):
+def lightning_attn_bwd_lb(q, k, v, do, dht, slopes, scale, h0, plan, cfg: LaunchConfig, compute_dg):
     """Look-back backward: dq = LA(do, v, k), dk = LA_rev(v, do, q), dv = LA_rev(k, q, do).
 
-    h0 [N, H, D, E] fp32 or None (the states are recomputed from it); act: q, k are pre-activations. Returns dq, dk, dv, dh0 (or None),
+    h0 [N, H, D, E] fp32 or None (the states are recomputed from it). Returns dq, dk, dv, dh0 (or None),
     dG [B*T, H] fp32 (or None)."""
     H, D, E = plan.H, plan.D, plan.E
     dev = q.device
@@ -408,12 +405,9 @@ def lightning_attn_bwd_lb(q, k, v, do, dht, slopes, scale, h0, plan, cfg: Launch
     lv = _lb_lanes(plan, cfg, "dv", D, E)
     sync = torch.zeros(3 + 2 * (lq + lk + lv), dtype=torch.int32, device=dev)
     s_q, s_k, s_v = sync[: 1 + 2 * lq], sync[1 + 2 * lq: 2 + 2 * (lq + lk)], sync[2 + 2 * (lq + lk):]
-    _lb_walk(do, v, k, dq, slopes, plan, cfg, "dqdk", False, h0, True, None, scale, scale, 1.0, s_q, x=q, g=dgq,
-             acts=(0, 0, act, act))
-    _lb_walk(v, do, q, dk, slopes, plan, cfg, "dqdk", True, dht, True, None, scale, 1.0, scale, s_k, x=k, g=dgk,
-             acts=(0, 0, act, act))
-    _lb_walk(k, q, do, dv, slopes, plan, cfg, "dv", True, dht, False, dh0, scale, 1.0, scale, s_v,
-             acts=(act, act, 0, 0))
+    _lb_walk(do, v, k, dq, slopes, plan, cfg, "dqdk", False, h0, True, None, scale, scale, 1.0, s_q, x=q, g=dgq)
+    _lb_walk(v, do, q, dk, slopes, plan, cfg, "dqdk", True, dht, True, None, scale, 1.0, scale, s_k, x=k, g=dgk)
+    _lb_walk(k, q, do, dv, slopes, plan, cfg, "dv", True, dht, False, dh0, scale, 1.0, scale, s_v)
     _fill_empty(dh0, dht, empty)
     if compute_dg:
         dG = dgq.sum(0) - dgk.sum(0)

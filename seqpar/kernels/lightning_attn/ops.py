@@ -48,24 +48,21 @@ def _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend):
 def lightning_attn_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, scale: float,
     initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
-    slope_grad: bool = False, cu_offset: int = -1, qk_act: str = "none",
+    slope_grad: bool = False, cu_offset: int = -1,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """o [B, T, H, E] (q's dtype), ht [N, H, D, E] (fp32; fp64 for fp64 inputs), hbuf: the Triton forward's
     segment states [rows, H, D, E] fp32 for the backward ([0] on the torch backend). Inputs validated.
     slope_grad: the slopes will need a gradient (the state products then keep the fp32 state exact).
     cu_offset >= 0: cu_seqlens are global offsets and this call holds tokens [cu_offset, cu_offset + T) of
-    them (documents outside are empty; see :func:`_local_cu`). qk_act (Triton only; "none", "silu", "relu"):
-    q, k are pre-activations, phi applied inside the kernels (see :mod:`.activations`)."""
+    them (documents outside are empty; see :func:`_local_cu`)."""
     cu_seqlens = _local_cu(cu_seqlens, cu_offset, q.shape[1])
     if backend == "triton":
         from .chunk import chunk_lightning_attn_fwd_saved
 
         with torch.no_grad():
             o, ht, hbuf = chunk_lightning_attn_fwd_saved(q, k, v, slopes, scale, initial_state, cu_seqlens,
-                                                         slope_grad, qk_act=qk_act)
+                                                         slope_grad)
         return (o.clone() if o is v else o.contiguous()), ht.contiguous(), hbuf.contiguous()
-    if qk_act != "none":
-        raise ValueError(f"qk_act is applied inside the op only on the triton backend, got {qk_act!r} with {backend!r}")
     with torch.no_grad():
         o, ht = _forward(q, k, v, slopes, scale, initial_state, cu_seqlens, backend)
     # contiguous outputs: the fake implementation promises contiguous strides to the compiler
@@ -73,7 +70,7 @@ def lightning_attn_fwd_op(
 
 
 @lightning_attn_fwd_op.register_fake
-def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=False, cu_offset=-1, qk_act="none"):
+def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=False, cu_offset=-1):
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if backend == "triton":
@@ -91,22 +88,22 @@ def _(q, k, v, slopes, scale, initial_state, cu_seqlens, backend, slope_grad=Fal
 def lightning_attn_bwd_op(
     do: torch.Tensor, dht: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor,
     scale: float, initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], backend: str,
-    need_dslopes: bool, hbuf: torch.Tensor, ht: torch.Tensor, cu_offset: int = -1, qk_act: str = "none",
+    need_dslopes: bool, hbuf: torch.Tensor, ht: torch.Tensor, cu_offset: int = -1,
 ) -> List[torch.Tensor]:
     """[dq, dk, dv, dslopes, dh0] (dh0 empty [0] without an initial state; dslopes zeros when not
     need_dslopes). Triton: from the forward's segment states hbuf and final state ht (the forward is
-    recomputed when hbuf is empty); torch: the forward is recomputed under torch.func.vjp. cu_offset, qk_act: as
-    for the forward op (dq, dk are then the pre-activations' gradients)."""
+    recomputed when hbuf is empty); torch: the forward is recomputed under torch.func.vjp. cu_offset: as
+    for the forward op."""
     cu_seqlens = _local_cu(cu_seqlens, cu_offset, q.shape[1])
     if backend == "triton":
         from .chunk import chunk_lightning_attn_bwd_saved, chunk_lightning_attn_grads
 
         if hbuf.numel():
             dq, dk, dv, ds, dh0 = chunk_lightning_attn_bwd_saved(q, k, v, do, dht, slopes, scale, initial_state,
-                                                                 cu_seqlens, hbuf, ht, need_dslopes, qk_act=qk_act)
+                                                                 cu_seqlens, hbuf, ht, need_dslopes)
         else:
             dq, dk, dv, ds, dh0 = chunk_lightning_attn_grads(q, k, v, slopes, scale, initial_state, cu_seqlens, do,
-                                                             dht, need_dslopes=need_dslopes, qk_act=qk_act)
+                                                             dht, need_dslopes=need_dslopes)
         ds = ds if ds is not None else torch.zeros_like(slopes)
         return [dq.contiguous(), dk.contiguous(), dv.contiguous(), ds, dh0 if dh0 is not None else q.new_empty(0)]
     # a custom op runs below the autograd dispatch key: the vjp is taken with torch.func, which carries
@@ -127,8 +124,7 @@ def lightning_attn_bwd_op(
 
 
 @lightning_attn_bwd_op.register_fake
-def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend, need_dslopes, hbuf, ht, cu_offset=-1,
-      qk_act="none"):
+def _(do, dht, q, k, v, slopes, scale, initial_state, cu_seqlens, backend, need_dslopes, hbuf, ht, cu_offset=-1):
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(slopes), dh0]
 
@@ -139,7 +135,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, slopes, initial_state, cu_seqlens, hbuf, ht)
     ctx.scale, ctx.backend = scale, backend
     ctx.cu_offset = rest[1] if len(rest) > 1 else -1
-    ctx.qk_act = rest[2] if len(rest) > 2 else "none"
     ctx.has_h0, ctx.has_cu = initial_state is not None, cu_seqlens is not None
 
 
@@ -154,9 +149,8 @@ def _backward(ctx, do, dht, _dhbuf):
     dq, dk, dv, ds, dh0 = lightning_attn_bwd_op(
         do, dht, q, k, v, slopes, ctx.scale, initial_state if ctx.has_h0 else None,
         cu_seqlens if ctx.has_cu else None, ctx.backend, bool(ctx.needs_input_grad[3]), hbuf, ht, ctx.cu_offset,
-        ctx.qk_act,
     )
-    return dq, dk, dv, ds, None, (dh0 if ctx.has_h0 else None), None, None, None, None, None
+    return dq, dk, dv, ds, None, (dh0 if ctx.has_h0 else None), None, None, None, None
 
 
 torch.library.register_autograd("seqpar::lightning_attn_fwd", _backward, setup_context=_setup_context)
