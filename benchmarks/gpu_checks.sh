@@ -38,8 +38,9 @@
 #   bash benchmarks/gpu_checks.sh s8        not yet run: GPU tests after interface.check_static (kernels, models, SP compile over
 #                                           3 processes), loss parity with the fused clip, bench_train's back-to-back and
 #                                           GPU clock columns
-#   bash benchmarks/gpu_checks.sh s9a       GPU tests (kernels, models, fused qk_act); tnl-1b profile with fused_qk_act on / off
-#   bash benchmarks/gpu_checks.sh s9b       tnl-0.4b B4 32K bench_train on / off; SP compile GPU tests; loss parity, 2 seeds
+#   (s9a ran at commit 9b7474a, since reverted: GPU tests and tnl-1b profiles with the in-kernel qk_act on / off)
+#   bash benchmarks/gpu_checks.sh s9b       chunked GPU tests; tnl-0.4b B4 32K bench_train (back-to-back, clock columns);
+#                                           SP compile GPU tests; loss parity with the fused clip, 2 seeds
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -256,22 +257,13 @@ if [[ $what == s8 ]]; then
   timeout 150 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 131072 --steps 3 --warmup 1 \
     --ac auto --compile model --baseline none --out "$OUT" 2>&1 | grep -E "^\|" | tail -2
 fi
-if [[ $what == s9a ]]; then
-  timeout 230 python3 -m pytest -n 12 -q -p no:cacheprovider -m gpu tests/kernels tests/models 2>&1 \
-    | tee "$OUT/gpu_tests_kernels_models.log" | tail -4
-  for fused in true false; do
-    timeout 160 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model \
-      --steps 4 --warmup 2 --set fused_qk_act=$fused --tag _s9_fused_qk_act_$fused --out "$OUT" 2>&1 | grep -E "^\| tnl" | head -2
-  done
-fi
 if [[ $what == s9b ]]; then
-  for fused in true false; do
-    timeout 130 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 131072 --steps 3 --warmup 1 \
-      --ac auto --compile model --baseline none --set fused_qk_act=$fused --out "$OUT" 2>&1 | grep -E "^\|" | tail -1
-  done
+  timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/models/test_chunked.py 2>&1 | tail -2
+  timeout 130 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 131072 --steps 3 --warmup 1 \
+    --ac auto --compile model --baseline none --out "$OUT" 2>&1 | grep -E "^\|" | tail -1
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/distributed/test_sp_compile.py -k gpu -rA 2>&1 \
     | tee "$OUT/gpu_tests_sp_compile.log" | grep -E "passed|failed|PASSED|FAILED" | head -8
-  timeout 180 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1 --lr 2e-4 \
+  timeout 200 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1 --lr 2e-4 \
     --out "$OUT" 2>&1 | tail -4
 fi
 if [[ $what == s3c ]]; then
