@@ -57,6 +57,25 @@ def parse_overrides(text: str, flag: str = "--set") -> dict:
     return out
 
 
+def smi_id(index: int = 0) -> str:
+    """nvidia-smi's id of CUDA device ``index`` of this process: its UUID ("GPU-..."), else its PCI bus id. nvidia-smi
+    numbers every GPU of the host, while CUDA numbers only the visible ones (CUDA_VISIBLE_DEVICES), so the
+    CUDA index names another GPU where the two differ. Falls back to the index without CUDA."""
+    try:
+        import torch
+
+        props = torch.cuda.get_device_properties(index)
+    except Exception:  # noqa: BLE001 - no CUDA: nothing to sample, the command then finds no GPU
+        return str(index)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        return text if text.startswith("GPU-") else f"GPU-{text}"
+    if hasattr(props, "pci_bus_id"):
+        return f"{getattr(props, 'pci_domain_id', 0):08x}:{props.pci_bus_id:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+    return str(index)
+
+
 class GPUClock:
     """Samples the GPU's SM clock (MHz) and power draw (W) with ``nvidia-smi`` every ``period_ms`` while the
     block runs: an H200 under training load sits at its power cap with the SM clock below the 1830 MHz that the
@@ -69,7 +88,7 @@ class GPUClock:
     ``cmd``: the sampling command (tests pass a stand-in); without nvidia-smi nothing is sampled."""
 
     def __init__(self, period_ms: int = 200, index: int = 0, cmd: Optional[List[str]] = None):
-        self.cmd = cmd or ["nvidia-smi", f"--id={index}", "--query-gpu=clocks.sm,power.draw",
+        self.cmd = cmd or ["nvidia-smi", f"--id={smi_id(index)}", "--query-gpu=clocks.sm,power.draw",
                            "--format=csv,noheader,nounits", f"-lms={period_ms}"]
         self.samples: List[tuple] = []
         self._proc = None

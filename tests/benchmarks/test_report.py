@@ -1,9 +1,11 @@
-"""benchmarks/report.py: the GPU clock sampler's parsing, its summary, and a sampler command that is missing."""
+"""benchmarks/report.py: the GPU clock sampler's parsing, its summary, a sampler command that is missing, and the
+nvidia-smi id of the process's GPU."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-from report import GPUClock, parse_clock_samples  # noqa: E402
+import torch  # noqa: E402
+from report import GPUClock, parse_clock_samples, smi_id  # noqa: E402
 
 
 def test_parse_clock_samples_skips_malformed_lines():
@@ -23,3 +25,25 @@ def test_sampler_without_the_command_samples_nothing():
     with GPUClock(cmd=["/nonexistent/nvidia-smi"]) as clk:
         pass
     assert clk.samples == [] and clk.summary() == "" and clk.median_mhz() is None
+
+
+def test_smi_id_names_the_visible_gpu_by_uuid_or_bus_id(monkeypatch):
+    """CUDA index 0 of a process with CUDA_VISIBLE_DEVICES=3 is nvidia-smi's GPU 3: the id is the UUID, else the
+    PCI bus id, never the CUDA index (which would sample another, idle GPU)."""
+    class Props:
+        uuid = "1b2c-77"
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    assert smi_id(0) == "GPU-1b2c-77"
+
+    class Bus:
+        pci_domain_id, pci_bus_id, pci_device_id = 0, 0x1A, 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Bus())
+    assert smi_id(0) == "00000000:1a:00.0"
+
+    def no_cuda(i):
+        raise RuntimeError("no CUDA")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_cuda)
+    assert smi_id(2) == "2"
