@@ -95,23 +95,41 @@ class GPUClock:
 
     def __enter__(self):
         import subprocess
+        import threading
 
+        self._lines: List[str] = []
+        self._first = threading.Event()
         try:
             self._proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except (FileNotFoundError, PermissionError):
             self._proc = None
+            return self
+
+        def read(stream):
+            for line in stream:
+                self._lines.append(line)
+                self._first.set()
+            self._first.set()
+
+        self._reader = threading.Thread(target=read, args=(self._proc.stdout,), daemon=True)
+        self._reader.start()
+        # nvidia-smi takes a while to start: the block is timed only once it samples, so that its samples
+        # cover the block (a sampler still starting when a short block ends samples the idle GPU after it)
+        self._first.wait(timeout=10)
         return self
 
     def __exit__(self, *exc):
         if self._proc is None:
             return False
+        exited = self._proc.poll() is not None
+        n = len(self._lines)  # what was sampled while the block ran; a line printed on termination is not
         self._proc.terminate()
         try:
-            out, _ = self._proc.communicate(timeout=5)
-        except Exception:  # noqa: BLE001 - a sampler that does not stop is killed; its samples are dropped
+            self._proc.wait(timeout=5)
+        except Exception:  # noqa: BLE001 - a sampler that does not stop is killed
             self._proc.kill()
-            out = ""
-        self.samples = parse_clock_samples(out)
+        self._reader.join(timeout=5)
+        self.samples = parse_clock_samples("".join(self._lines if exited else self._lines[:n]))
         return False
 
     def median_mhz(self) -> Optional[float]:

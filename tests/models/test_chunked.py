@@ -394,20 +394,27 @@ def test_dtensor_parameters_are_rejected():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_chunked_equals_whole_on_gpu_triton():
-    """The Triton kernels with initial/final states and per-chunk cu_seqlens, fp32 and bf16 autocast."""
+    """The Triton kernels with initial/final states and per-chunk cu_seqlens: fp32 chunked equals fp32 whole (1e-4);
+    under bf16 autocast, chunked is as close to the fp32 whole step as the bf16 whole step is (each gradient within
+    2% of its largest entry, or within 2x the bf16 whole step's own error: the learnable slopes' gradient is a sum
+    of terms of both signs much larger than itself, whose bf16 rounding differs between chunkings)."""
     ids, labels = _batch()
     cu = torch.tensor([0, 150, 384, 700, 701, T], dtype=torch.int32, device="cuda")
     ids, labels = ids.cuda(), labels.cuda()
-    for autocast, rtol in ((False, 1e-4), (True, 2e-2)):
-        res = []
+    runs = {}
+    for autocast in (False, True):
         for C in (None, 192):
             model = _model(C, learnable_slopes=True).cuda()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                 out = model(ids, labels=labels, cu_seqlens=cu, return_logits=False)
             out.loss.backward()
-            res.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-        _assert_close(res[1][0], res[0][0], rtol, "loss")
-        _assert_grads(res[1][1], res[0][1], rtol)
+            runs[autocast, C] = {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}
+    ref = runs[False, None]
+    _assert_grads(runs[False, 192], ref, 1e-4)
+    for n, r in ref.items():
+        err = (runs[True, 192][n] - r).abs().max()
+        own = (runs[True, None][n] - r).abs().max()
+        assert err <= max(2e-2 * r.abs().max(), 2 * own), f"{n}: bf16 chunked error {err:.3g}, bf16 whole {own:.3g}"
 
 
 @pytest.mark.gpu
