@@ -35,7 +35,7 @@
 #                                           tnl-1b at 32K (per-step lines) for the train.py-vs-bare comparison
 #   bash benchmarks/gpu_checks.sh s7c       tnl-1b profile (GPU time from the trace), train.py tnl-0.4b at 32K B4, bench_train
 #                                           32K/128K vs compiled LLaMA (both bf16 residual); SM clock / power sampled
-#   bash benchmarks/gpu_checks.sh s8        not yet run: GPU tests after interface.check_static (kernels, models, SP compile over
+#   bash benchmarks/gpu_checks.sh s8        not run (s9b ran its parts but the kernel GPU tests): GPU tests after interface.check_static (kernels, models, SP compile over
 #                                           3 processes), loss parity with the fused clip, bench_train's back-to-back and
 #                                           GPU clock columns
 #   (s9a ran at commit 9b7474a, since reverted: GPU tests and tnl-1b profiles with the in-kernel qk_act on / off)
