@@ -30,10 +30,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -106,7 +105,7 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
 
-    def train_step():  # one optimizer step; the timed loops below differ only in when they sync
+    def train_step():  # one optimizer step
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = loss_of(kind, model, x, y)
         loss.backward()
@@ -114,27 +113,14 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times = []
-    with report.GPUClock() as clock:  # the SM clock and power while the steps are timed
-        for i in range(warmup + steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = train_step()
-            torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            if i == 0:
-                first_loss = loss.item()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss.item()}")
-        step = statistics.median(times)
-        tps = B * T / step
-        torch.cuda.synchronize()  # the same steps issued back to back, one sync at the end (a loop that logs rarely)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = train_step()
-        torch.cuda.synchronize()
-        tps_b2b = B * T * steps / (time.perf_counter() - t0)
+    timed = report.time_steps(train_step, warmup, steps)
+    bad = [v for v in timed["losses"] if not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"non-finite loss {bad[0]}")
+    first_loss = timed["losses"][0]
+    step = timed["step_s"]
+    tps = B * T / step
+    tps_b2b = B * T / timed["b2b_s"]
     policy = ac_policy(int(ac) if isinstance(ac, bool) else ac)
     if kind == "tnl":  # "auto" resolved for this shape
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -150,9 +136,9 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     mfu = flops_tok * tps / (peak_tflops * 1e12)
     hfu = hfu_tok * tps / (peak_tflops * 1e12)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt, x, y, loss
+    del model, opt, x, y
     gc.collect()
-    return dict(B=B, step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, clock=clock.summary() or "-", mfu=mfu, hfu=hfu,
+    return dict(B=B, step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, clock=timed["clock"], mfu=mfu, hfu=hfu,
                 peak_gib=peak, params=n_params, loss0=first_loss, policy=policy)
 
 

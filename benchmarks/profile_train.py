@@ -26,7 +26,6 @@ import gc
 import os
 import re
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -131,25 +130,8 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     torch.cuda.reset_peak_memory_stats()
-    times, issue, losses = [], [], []
-    with report.GPUClock() as clock:  # the SM clock and power while the steps are timed
-        for i in range(warmup + steps):  # synced steps: each starts on an idle GPU
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss = step_fn(model, opt, x, y, grad_clip, clip_mode)
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            losses.append(loss.item())
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                issue.append(t1 - t0)
-        step = statistics.median(times)
-        torch.cuda.synchronize()  # back-to-back steps (one sync at the end, as a training loop that logs rarely)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step_fn(model, opt, x, y, grad_clip, clip_mode)
-        torch.cuda.synchronize()
-        step_b2b = (time.perf_counter() - t0) / steps
+    timed = report.time_steps(lambda: step_fn(model, opt, x, y, grad_clip, clip_mode), warmup, steps)
+    step, step_b2b, losses = timed["step_s"], timed["b2b_s"], timed["losses"]
     cats = {}
     from torch.profiler import ProfilerActivity, profile
 
@@ -185,7 +167,7 @@ def run_variant(name, T, B, ac, ce, compile_scope, steps, warmup, grad_clip=0.0,
     est = step_memory_bytes(cfg, ac, B, T, compiled=compile_scope is not None) / 2**30
     # hardware FLOPs of the resolved policy ("selective" recomputes no GEMM: those of "none")
     r = dict(model=name, T=T, B=B, ac=ac, ce=ce, step_ms=step * 1e3, tps=tps, b2b_ms=step_b2b * 1e3,
-             issue_ms=statistics.median(issue) * 1e3, busy_ms=busy, cats=cats, clock=clock.summary() or "-",
+             issue_ms=timed["issue_s"] * 1e3, busy_ms=busy, cats=cats, clock=timed["clock"],
              mfu=model_flops_per_token(cfg) * tps / 989e12, est_gib=est,
              mfu_b2b=model_flops_per_token(cfg) * B * T / step_b2b / 989e12,
              hfu=hardware_flops_per_token(cfg, ac) * tps / 989e12,

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import statistics
 import sys
-from typing import List, Optional
+import time
+from typing import Callable, List, Optional
 
 import torch
 
@@ -169,3 +171,32 @@ def _median(xs: List[float]) -> Optional[float]:
         return None
     m = len(xs) // 2
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int,
+               sync: Callable[[], None] = torch.cuda.synchronize) -> dict:
+    """Time ``step`` (one training step, returning its loss) under :class:`GPUClock`: ``warmup + steps`` synced steps
+    (each starts on an idle device), then ``steps`` issued back to back with one sync at the end (a loop that logs
+    rarely). Returns {"step_s": median synced step, "issue_s": median host time to issue one, "b2b_s": mean
+    back-to-back step, "losses": [float] of every synced step, "clock": the clock summary or "-"}."""
+    times, issue, losses = [], [], []
+    with GPUClock() as clock:
+        for i in range(warmup + steps):
+            sync()
+            t0 = time.perf_counter()
+            loss = step()
+            t1 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
+            losses.append(loss.item())
+            if i >= warmup:
+                times.append(t2 - t0)
+                issue.append(t1 - t0)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        b2b = (time.perf_counter() - t0) / steps
+    return dict(step_s=statistics.median(times), issue_s=statistics.median(issue), b2b_s=b2b, losses=losses,
+                clock=clock.summary() or "-")

@@ -47,3 +47,23 @@ def test_smi_id_names_the_visible_gpu_by_uuid_or_bus_id(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_cuda)
     assert smi_id(2) == "2"
+
+
+def test_time_steps_counts_synced_and_back_to_back_steps():
+    """warmup + steps synced steps (losses of all, times of the last ``steps``), then ``steps`` back to back with one
+    sync at the end."""
+    from report import time_steps
+
+    calls, syncs = [], []
+
+    def step():
+        calls.append(len(syncs))
+        return torch.tensor(float(len(calls)))
+
+    r = time_steps(step, warmup=2, steps=3, sync=lambda: syncs.append(1))
+    assert len(calls) == 2 + 3 + 3
+    assert r["losses"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert len(syncs) == 2 * 5 + 2  # before and after each synced step, around the back-to-back run
+    assert calls[5:] == [11, 11, 11]  # the back-to-back steps run with no sync between them
+    assert r["step_s"] >= 0 and r["issue_s"] <= r["step_s"] + 1e-3 and r["b2b_s"] >= 0
+    assert r["clock"] in ("-",) or r["clock"].startswith("SM ")
