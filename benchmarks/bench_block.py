@@ -10,6 +10,9 @@ Block rows (one compiled TNLBlock, B = 1, T tokens, median ms of triton.testing.
                              qkvu       q, k, v, u as one [d -> 4 inner] GEMM
                              glu        w1, w2 as one [d -> 2 g] GEMM
                              qku+glu, qkvu+glu  both
+Compile modes (``--modes``): "default" (cuBLAS GEMMs, inductor's fused elementwise kernels), "max-autotune" (inductor
+also benchmarks its Triton GEMM templates against cuBLAS per shape and may fuse elementwise epilogues and prologues
+into them; no CUDA graphs), "max-autotune-tma" (the same with Hopper's persistent TMA GEMM templates).
 GEMM rows: each GEMM of a block step alone (bf16 in, bf16 out, no autocast), forward Y = X W^T, input gradient
 dX = dY W and weight gradient dW = dY^T X, at M = B*T rows, with TFLOP/s (2 M N K per GEMM).
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,18 @@ from seqpar.models import TNLConfig  # noqa: E402
 from seqpar.models.transnormer import TNLBlock  # noqa: E402
 
 VARIANTS = ("separate", "qku", "qkvu", "glu", "qku+glu", "qkvu+glu")
+MODES = ("default", "max-autotune", "max-autotune-tma")
+
+
+def compile_block(block, mode: str):
+    """block.compile under one of MODES (module docstring); inductor's TMA switch is set for this process."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.triton.enable_persistent_tma_matmul = mode == "max-autotune-tma"
+    if mode == "default":
+        block.compile(dynamic=False)
+    else:
+        block.compile(dynamic=False, mode="max-autotune-no-cudagraphs")
 
 
 def bench(fn, warmup=10, rep=50) -> float:
@@ -104,6 +120,8 @@ def main():
     ap.add_argument("--model", default="tnl-0.4b")
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--modes", default="default", help=f"comma list of compile modes: {', '.join(MODES)}")
+    ap.add_argument("--no-gemm-rows", action="store_true", help="skip the GEMM-alone rows")
     ap.add_argument("--residuals", default="float32,bfloat16", help="comma list of float32, bfloat16")
     ap.add_argument("--gemm-rows", default="", help="comma list of M for the GEMM rows (default: T)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -112,6 +130,10 @@ def main():
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
+    modes = args.modes.split(",")
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--modes: {m!r} is not one of {', '.join(MODES)}")
     residuals = []
     for r in args.residuals.split(","):
         if r not in ("float32", "bfloat16"):
@@ -126,29 +148,35 @@ def main():
     cfg = TNLConfig.preset(args.model)
     dev, T = "cuda", args.T
     lines = report.header(f"One block, {args.model}, T={T}, fwd+bwd, bf16 autocast", "bench_block.py")
-    lines += ["| block (compiled) | residual | ms | vs separate, same residual |", "|---|---|---|---|"]
+    lines += ["| block (compiled) | compile mode | residual | ms | compile s | vs first row, same residual |",
+              "|---|---|---|---|---|---|"]
     base = {}
-    for variant in variants:
-        torch._dynamo.reset()
-        block = merged_block(cfg, variant).to(dev)
-        block.compile(dynamic=False)
-        for dtype in residuals:
-            x = torch.randn(1, T, cfg.d_model, device=dev, dtype=dtype, requires_grad=True)
-            ms = bench(fwd_bwd(lambda x: block(x)[0], x))
-            name = str(dtype).split(".")[-1]
-            if variant == "separate":
-                base[name] = ms
-            rel = f"{ms / base[name]:.3f}" if base.get(name) else ""
-            lines.append(f"| {variant} | {name} | {ms:.3f} | {rel} |")
-            print(lines[-1], flush=True)
-            del x
-        del block
-    lines += ["", "| GEMM alone (bf16) | M | ms | TFLOP/s |", "|---|---|---|---|"]
-    for M in ms_rows:
+    for mode in modes:
+        for variant in variants:
+            torch._dynamo.reset()
+            block = merged_block(cfg, variant).to(dev)
+            compile_block(block, mode)
+            for dtype in residuals:
+                x = torch.randn(1, T, cfg.d_model, device=dev, dtype=dtype, requires_grad=True)
+                t0 = time.perf_counter()
+                fwd_bwd(lambda x: block(x)[0], x)()
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                ms = bench(fwd_bwd(lambda x: block(x)[0], x))
+                name = str(dtype).split(".")[-1]
+                base.setdefault(name, ms)
+                lines.append(f"| {variant} | {mode} | {name} | {ms:.3f} | {compile_s:.0f} | {ms / base[name]:.3f} |")
+                print(lines[-1], flush=True)
+                del x
+            del block
+    if not args.no_gemm_rows:
+        lines += ["", "| GEMM alone (bf16) | M | ms | TFLOP/s |", "|---|---|---|---|"]
+    for M in [] if args.no_gemm_rows else ms_rows:
         for label, ms, tf in gemm_rows(cfg, M, dev):
             lines.append(f"| {label} | {M} | {ms:.3f} | {tf:.0f} |")
             print(lines[-1], flush=True)
-    report.write(args.out, f"block_variants_{args.model}_T{T}.md", lines)
+    tag = "" if modes == ["default"] else "_" + "_".join(m.replace("-", "") for m in modes)
+    report.write(args.out, f"block_variants_{args.model}_T{T}{tag}.md", lines)
 
 
 if __name__ == "__main__":
