@@ -293,6 +293,9 @@ TUNE_VARIANTS = {
     "reg128": {"fwd": {"maxnreg": 128}, "dqdk": {"maxnreg": 128}, "dv_fused": {"maxnreg": 128}},
     "fwdreg128st1": {"fwd": {"maxnreg": 128, "num_stages": 1}},
     "dqreg128st1": {"dqdk": {"maxnreg": 128, "num_stages": 1}},
+    # the chunk walks' tiles through masked pointer loads instead of TMA descriptors
+    "notma": {"tma": False},
+    "dvfw4": {"dv_fused": {"num_warps": 4}},
 }
 
 

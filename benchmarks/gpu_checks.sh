@@ -41,6 +41,12 @@
 #   (s9a ran at commit 9b7474a, since reverted: GPU tests and tnl-1b profiles with the in-kernel qk_act on / off)
 #   bash benchmarks/gpu_checks.sh s9b       chunked GPU tests; tnl-0.4b B4 32K bench_train (back-to-back, clock columns);
 #                                           SP compile GPU tests; loss parity with the fused clip, 2 seeds
+#   bash benchmarks/gpu_checks.sh s10a      one tnl-1b / tnl-0.4b block at 32K compiled default vs max-autotune (Triton GEMM
+#                                           templates with fused epilogues / prologues, with and without persistent TMA)
+#   bash benchmarks/gpu_checks.sh s10b      kernel GPU tests with the TMA walks; kernel times TMA vs pointer loads and launch
+#                                           variants that TMA's lower register use may open (B4/B1 H16 T32K D128)
+#   bash benchmarks/gpu_checks.sh s10c      kernel GPU tests; kernel times with the per-kind TMA defaults vs no TMA (D128 B4/B1,
+#                                           D64); tnl-1b step profile at 32K
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -265,6 +271,26 @@ if [[ $what == s9b ]]; then
     | tee "$OUT/gpu_tests_sp_compile.log" | grep -E "passed|failed|PASSED|FAILED" | head -8
   timeout 200 python3 benchmarks/speed_parity.py --model tnl-0.4b --T 8192 --steps 200 --seeds 0,1 --lr 2e-4 \
     --out "$OUT" 2>&1 | tail -4
+fi
+if [[ $what == s10a ]]; then
+  timeout 400 python3 benchmarks/bench_block.py --model tnl-1b --T 32768 --variants separate --residuals bfloat16 \
+    --modes default,max-autotune,max-autotune-tma --no-gemm-rows --out "$OUT" 2>&1 | grep -E "^\||Error|error" | tail -8
+  timeout 170 python3 benchmarks/bench_block.py --model tnl-0.4b --T 32768 --variants separate --residuals bfloat16 \
+    --modes default,max-autotune --no-gemm-rows --out "$OUT" 2>&1 | grep -E "^\||Error|error" | tail -8
+fi
+if [[ $what == s10b ]]; then
+  timeout 240 python3 -m pytest -n 12 -q -p no:cacheprovider tests/kernels/test_chunk_triton.py 2>&1 \
+    | tee "$OUT/gpu_tests_chunk_triton.log" | tail -3
+  timeout 300 python3 benchmarks/bench_kernel.py --tune base notma dqst3 dvfst3 dvfw4 fwdst3 reg168 \
+    --shapes 4,16,32768,128 1,16,32768,128 --out "$OUT/kernel_tuning_h200_s10_tma.md" 2>&1 | grep -E "^\||BEST"
+fi
+if [[ $what == s10c ]]; then
+  timeout 230 python3 -m pytest -n 16 -q -p no:cacheprovider tests/kernels/test_chunk_triton.py tests/kernels/test_tuning.py \
+    2>&1 | tee "$OUT/gpu_tests_chunk_triton.log" | tail -3
+  timeout 150 python3 benchmarks/bench_kernel.py --tune base notma --shapes 4,16,32768,128 1,16,32768,128 2,32,32768,64 \
+    --out "$OUT/kernel_tuning_h200_s10_tma_defaults.md" 2>&1 | grep -E "^\|"
+  timeout 200 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model --steps 4 \
+    --warmup 2 --tag _s10_tma --out "$OUT" 2>&1 | grep -E "^\| tnl"
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

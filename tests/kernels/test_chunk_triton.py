@@ -485,3 +485,58 @@ def test_out_of_shared_memory_relaunches_with_one_stage(monkeypatch):
     assert calls == [2, 1, 1, 2, 1]
     with pytest.raises(OutOfResources):  # nothing left to shed: the error surfaces
         launch._call(FakeKernel(0), (1,), x, BD=64, num_stages=2)
+
+
+def _tma_used(monkeypatch, cfg, *args):
+    """Run fwd + bwd under cfg and return ({kernel name: TMA flags seen}, outputs + gradients)."""
+    seen = {}
+    orig = launch._call
+
+    def spy(kernel, grid, *a, **kw):
+        if "TMA" in kw:
+            name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
+            seen.setdefault(name, set()).add(kw["TMA"])
+        return orig(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(launch, "_call", spy)
+    q, k, v, s, do, cu = args
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    o, _ = chunk.chunk_lightning_attn(*leaves, s, q.shape[-1] ** -0.5, cu_seqlens=cu, config=cfg)
+    o.backward(do)
+    monkeypatch.setattr(launch, "_call", orig)
+    return seen, [o.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("lookback", ["fwd", True])
+@pytest.mark.parametrize("D,E", [(64, 32), (128, 128)])
+def test_tma_tiles_equal_pointer_loads(lookback, D, E, monkeypatch):
+    """LaunchConfig.tma: the chunk walks' tiles moved by TMA descriptors (run by the interpreter on the CPU,
+    natively on a Hopper GPU) give what the masked pointer loads give, for o and every gradient, with a
+    partial last chunk and two sequences per batch (rows past T load as 0 and are not stored); packed
+    (varlen) batches take the pointer loads."""
+    if DEV == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA descriptors need a Hopper or newer GPU")
+    torch.manual_seed(0)
+    B, T, H = 2, 130, 2
+    q, k = (torch.randn(B, T, H, D, device=DEV) for _ in range(2))
+    v, do = (torch.randn(B, T, H, E, device=DEV) for _ in range(2))
+    s = torch.tensor([0.05, 0.3], device=DEV)
+    cfg = CFG.replace(lookback=lookback, seg_chunks=2)
+    every = {kind: {"tma": True} for kind in ("fwd", "dqdk", "dv", "dv_fused")}
+    seen_t, tma = _tma_used(monkeypatch, cfg.replace(tma=True, **every), q, k, v, s, do, None)
+    seen_p, ptr = _tma_used(monkeypatch, cfg.replace(tma=False), q, k, v, s, do, None)
+    walks = {"_lb_walk_kernel"} | ({"_bwd_dqdk_kernel", "_bwd_dv_kernel"} if lookback == "fwd" else set())
+    assert walks <= set(seen_t) and all(seen_t[w] == {True} for w in walks), seen_t
+    assert all(flags == {False} for flags in seen_p.values()), seen_p
+    for a, b in zip(tma, ptr):
+        assert rel(a, b) < 1e-6
+    # packed sequences: pointer loads
+    cu = torch.tensor([0, 70, 260], dtype=torch.int32, device=DEV)
+    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v)]
+    seen_v, _ = _tma_used(monkeypatch, cfg.replace(tma=True, **every), *flat, s, do.reshape(1, B * T, H, E), cu)
+    assert all(flags == {False} for flags in seen_v.values()), seen_v
+    # the default: TMA where KernelLaunch.tma is set (not the dq walk) on a Hopper GPU, never on the CPU
+    seen_d, _ = _tma_used(monkeypatch, cfg, q, k, v, s, do, None)
+    assert seen_d.get("_bwd_dqdk_kernel", {False}) == {False}
+    on_gpu = {True} if lookback == "fwd" else {True, False}  # lookback True: the dq, dk walks are "dqdk"
+    assert seen_d["_lb_walk_kernel"] == (on_gpu if DEV == "cuda" else {False}), seen_d

@@ -16,8 +16,11 @@ from seqpar.kernels.lightning_attn.tuning import DEFAULT, KernelLaunch, LaunchCo
 def test_default_values_and_immutability():
     assert LaunchConfig() == DEFAULT and hash(LaunchConfig()) == hash(DEFAULT)
     assert DEFAULT.lookback == "fwd" and DEFAULT.state_bf16 == "auto" and DEFAULT.fuse_dkdv
-    assert DEFAULT.fwd == KernelLaunch(BLK=64, num_warps=4, num_stages=2)
+    assert DEFAULT.fwd == KernelLaunch(BLK=64, num_warps=4, num_stages=2, tma=True)
     assert DEFAULT.scan.options() == {"num_warps": 4}  # no num_stages: Triton's default
+    # TMA walks: the forward and the dv / dk+dv walks (the latter with its own pipeline depth), not the dq walk
+    assert DEFAULT.tma == "auto" and DEFAULT.dv.tma and not DEFAULT.dqdk.tma
+    assert DEFAULT.dv_fused.options(tma=True)["num_stages"] == 3 and DEFAULT.dv_fused.options()["num_stages"] == 2
     assert DEFAULT.seg_long == SegLong(waves=2, seg_max=64)
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT.lookback = False
@@ -27,7 +30,7 @@ def test_default_values_and_immutability():
 
 def test_replace_merges_nested_dicts_and_leaves_the_original():
     cfg = DEFAULT.replace(fwd={"num_stages": 3, "maxnreg": 168}, waves=3, small={"scan": {"BLK": 16}})
-    assert cfg.fwd == KernelLaunch(BLK=64, num_warps=4, num_stages=3, maxnreg=168)
+    assert cfg.fwd == KernelLaunch(BLK=64, num_warps=4, num_stages=3, maxnreg=168, tma=True)
     assert cfg.fwd.options() == {"num_warps": 4, "num_stages": 3, "maxnreg": 168}
     assert cfg.waves == 3 and cfg.dqdk == DEFAULT.dqdk
     assert cfg.small.scan.BLK == 16 and cfg.small.fuse_dkdv is True and cfg.small.fwd == DEFAULT.small.fwd
@@ -77,6 +80,9 @@ def test_unknown_keys_name_the_key(overrides, match):
     ({"fast_launch": "yes"}, "fast_launch"),
     ({"fp32_precision": "fp16"}, "fp32_precision"),
     ({"waves": {"x": 1}}, "waves"),
+    ({"tma": "yes"}, "tma"),
+    ({"dv": {"tma": 1}}, "dv.*tma"),
+    ({"dv_fused": {"tma_stages": 0}}, "dv_fused.*tma_stages"),
 ])
 def test_bad_values_fail_at_construction(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -65,6 +65,41 @@ def _sdot_l(a, b, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
+def _desc(ptr, N, T, W, BT: tl.constexpr, BW: tl.constexpr):
+    """TMA descriptor of a [N, T, W] row-major tensor (N sequences of T tokens, W = H x head dim) in [1, BT, BW]
+    blocks: rows past T load as 0 and are not stored."""
+    return tl.make_tensor_descriptor(ptr, shape=[N, T, W], strides=[T.to(tl.int64) * W, W, 1], block_shape=[1, BT, BW])
+
+
+@triton.jit
+def _ld(desc, ptr, n, p0, c0, tok64, m_t, o_w, m_w, h, H, W, BT: tl.constexpr, BW: tl.constexpr,
+        TRANS: tl.constexpr, TMA: tl.constexpr):
+    """The [BT, BW] tile (TRANS: [BW, BT]) of tokens tok64 (sequence n, first position p0) and columns o_w of
+    head h of a [*, H, W] tensor: a TMA load through desc at column c0 = o_w[0], or masked pointer loads."""
+    if TMA:
+        x = desc.load([n, p0, h * W + c0]).reshape(BT, BW)
+        if TRANS:
+            x = tl.trans(x)
+    else:
+        if TRANS:
+            x = tl.load(ptr + (tok64[None, :] * H + h) * W + o_w[:, None], mask=m_w[:, None] & m_t[None, :], other=0.0)
+        else:
+            x = tl.load(ptr + (tok64[:, None] * H + h) * W + o_w[None, :], mask=m_t[:, None] & m_w[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _st(desc, ptr, x, n, p0, c0, tok64, m_t, o_w, m_w, h, H, W, BT: tl.constexpr, BW: tl.constexpr,
+        TMA: tl.constexpr):
+    """Store the [BT, BW] tile x (cast to the tensor's dtype) where _ld would have loaded it."""
+    x = x.to(ptr.dtype.element_ty)
+    if TMA:
+        desc.store([n, p0, h * W + c0], x.reshape(1, BT, BW))
+    else:
+        tl.store(ptr + (tok64[:, None] * H + h) * W + o_w[None, :], x, mask=m_t[:, None] & m_w[None, :])
+
+
+@triton.jit
 def _block_coords(pid, H, D, E, BD: tl.constexpr, BE: tl.constexpr):
     """(row, head, D block, E block) of program pid over a grid of rows x H x D blocks x E blocks (E fastest)."""
     NEB = tl.cdiv(E, BE)
@@ -251,10 +286,10 @@ def _fwd_out_kernel(
 def _bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, hbuf_ptr, gbuf_ptr, dgq_ptr, dgk_ptr,
     slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
-    scale, T, H, D, E, NS, SEG_T, NTOK,
+    scale, T, H, D, E, NS, SEG_T, NTOK, N,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr, COMPUTE_DG: tl.constexpr,
-    DO_DK: tl.constexpr, STORE_G: tl.constexpr,
+    DO_DK: tl.constexpr, STORE_G: tl.constexpr, TMA: tl.constexpr,
 ):
     """dq (forward walk with the state S) and dk (reverse walk with R) for one D block of one segment.
 
@@ -263,6 +298,7 @@ def _bwd_dqdk_kernel(
     STORE_G (with DO_DK off): the forward walk also sums the segment's backward contribution
     N_s = scale * sum_i lambda^(i-start+1) q_i^T do_i (its D block) into gbuf, in place of a separate
     _seg_state_kernel pass over q and do.
+    TMA (not varlen; D a multiple of BD, E = BE): tiles move through TMA descriptors of the N sequences.
     """
     i_d, h, pid_s, start, end, slope = _seg_program(tl.program_id(0), H, tl.cdiv(D, BD), slopes_ptr, cu_ptr,
                                                     segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
@@ -275,6 +311,21 @@ def _bwd_dqdk_kernel(
     sbase = (pid_s.to(tl.int64) * H + h) * D * E
     decay = _decay_tile(o_t, slope, False)
     q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
+    n = 0  # TMA: sequence index and first token (fixed-length batches only)
+    bos = 0
+    if TMA:
+        n = pid_s // NS
+        bos = n * T
+    c_d = i_d * BD
+    if TMA:
+        q_x = _desc(q_ptr, N, T, H * D, BT, BD)
+        k_x = _desc(k_ptr, N, T, H * D, BT, BD)
+        v_x = _desc(v_ptr, N, T, H * E, BT, BE)
+        do_x = _desc(do_ptr, N, T, H * E, BT, BE)
+        dq_x = _desc(dq_ptr, N, T, H * D, BT, BD)
+        dk_x = _desc(dk_ptr, N, T, H * D, BT, BD)
+    else:
+        q_x, k_x, v_x, do_x, dq_x, dk_x = q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr
 
     # ---- dq: forward walk, ST = S^T block [BE, BD]
     ST = tl.load(hbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
@@ -285,12 +336,13 @@ def _bwd_dqdk_kernel(
         tok = cs + o_t
         m_t = o_t < L
         tok64 = tok.to(tl.int64)
-        do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
-        vT = tl.load(v_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
-        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        p0 = cs - bos
+        do = _ld(do_x, do_ptr, n, p0, 0, tok64, m_t, o_e, m_e, h, H, E, BT, BE, False, TMA)
+        vT = _ld(v_x, v_ptr, n, p0, 0, tok64, m_t, o_e, m_e, h, H, E, BT, BE, True, TMA)
+        k = _ld(k_x, k_ptr, n, p0, c_d, tok64, m_t, o_d, m_d, h, H, D, BT, BD, False, TMA)
         if STORE_G:
             # N_s += q^T (lambda^(t-start+1) do): the weight scales the rows of the [BT, BD] q block
-            qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
+            qT = _ld(q_x, q_ptr, n, p0, c_d, tok64, m_t, o_d, m_d, h, H, D, BT, BD, True, TMA)
             g_w = tl.exp(-slope * tl.where(m_t, tok - start + 1, 0).to(tl.float32))
             G += _sdot_l(qT.to(tl.float32) * g_w[None, :], do, STATE, PREC, UP)
         A2 = _dot(do, vT, PREC, UP) * decay  # [i, j]
@@ -300,10 +352,9 @@ def _bwd_dqdk_kernel(
         dq += _sdot(do, ST, STATE, PREC, UP) * q_w[:, None]
         ST = ST * tl.exp(-slope * L.to(tl.float32)) + _sdot(vT, kd, STATE, PREC, UP)
         dq = dq * scale
-        m_td = m_t[:, None] & m_d[None, :]
-        tl.store(dq_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=m_td)
+        _st(dq_x, dq_ptr, dq, n, p0, c_d, tok64, m_t, o_d, m_d, h, H, D, BT, BD, TMA)
         if COMPUTE_DG:
-            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            q = _ld(q_x, q_ptr, n, p0, c_d, tok64, m_t, o_d, m_d, h, H, D, BT, BD, False, TMA)
             g = tl.sum(q.to(tl.float32) * dq, axis=1)
             tl.store(dgq_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
     if STORE_G:
@@ -319,19 +370,19 @@ def _bwd_dqdk_kernel(
             tok = cs + o_t
             m_t = o_t < L
             tok64 = tok.to(tl.int64)
-            m_td = m_t[:, None] & m_d[None, :]
-            doT = tl.load(do_ptr + (tok64[None, :] * H + h) * E + o_e[:, None], mask=m_e[:, None] & m_t[None, :], other=0.0)
-            v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
-            q = tl.load(q_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+            p0 = cs - bos
+            doT = _ld(do_x, do_ptr, n, p0, 0, tok64, m_t, o_e, m_e, h, H, E, BT, BE, True, TMA)
+            v = _ld(v_x, v_ptr, n, p0, 0, tok64, m_t, o_e, m_e, h, H, E, BT, BE, False, TMA)
+            q = _ld(q_x, q_ptr, n, p0, c_d, tok64, m_t, o_d, m_d, h, H, D, BT, BD, False, TMA)
             A2T = _dot(v, doT, PREC, UP) * tl.trans(decay)  # [j, i]
             dk = _dot(A2T.to(q.dtype), q, PREC, UP) * scale
             k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
             qd = q.to(tl.float32) * (q_w * scale)[:, None]
             dk += _sdot(v, RT, STATE, PREC, UP) * k_w[:, None]
             RT = RT * tl.exp(-slope * L.to(tl.float32)) + _sdot(doT, qd, STATE, PREC, UP)
-            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+            _st(dk_x, dk_ptr, dk, n, p0, c_d, tok64, m_t, o_d, m_d, h, H, D, BT, BD, TMA)
             if COMPUTE_DG:
-                k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_td, other=0.0)
+                k = _ld(k_x, k_ptr, n, p0, c_d, tok64, m_t, o_d, m_d, h, H, D, BT, BD, False, TMA)
                 g = tl.sum(k.to(tl.float32) * dk, axis=1)
                 tl.store(dgk_ptr + i_d.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
 
@@ -339,15 +390,16 @@ def _bwd_dqdk_kernel(
 @triton.jit(do_not_specialize=["T", "NS"])
 def _bwd_dv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dk_ptr, dgk_ptr, gbuf_ptr, slopes_ptr, cu_ptr, segseq_ptr, segstart_ptr,
-    scale, T, H, D, E, NS, SEG_T,
+    scale, T, H, D, E, NS, SEG_T, N,
     BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
     IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr, UP: tl.constexpr,
-    DO_DK: tl.constexpr, COMPUTE_DG: tl.constexpr,
+    DO_DK: tl.constexpr, COMPUTE_DG: tl.constexpr, TMA: tl.constexpr,
 ):
     """dv_j = scale * sum_{i>=j} lambda^(i-j) (q_i.k_j) do_i + lambda^(L-1-j) k_j R, one E block.
 
     DO_DK (only when one E block covers E): also dk_j = scale * sum_{i>=j} lambda^(i-j) (do_i.v_j) q_i
     + lambda^(L-1-j) v_j R^T in the same reverse walk (and k.dk for the slope gradient).
+    TMA (not varlen; D = BD, E a multiple of BE): tiles move through TMA descriptors of the N sequences.
     """
     i_e, h, pid_s, start, end, slope = _seg_program(tl.program_id(0), H, tl.cdiv(E, BE), slopes_ptr, cu_ptr,
                                                     segseq_ptr, segstart_ptr, T, NS, SEG_T, IS_VARLEN)
@@ -361,6 +413,21 @@ def _bwd_dv_kernel(
                 mask=m_d[:, None] & m_e[None, :], other=0.0)
     decayT = _decay_tile(o_t, slope, True)  # [j, i]: lambda^(i-j) for j <= i
     q_w = tl.exp(-slope * (o_t + 1).to(tl.float32)) * scale
+    n = 0  # TMA: sequence index and first token (fixed-length batches only)
+    bos = 0
+    if TMA:
+        n = pid_s // NS
+        bos = n * T
+    c_e = i_e * BE
+    if TMA:
+        q_x = _desc(q_ptr, N, T, H * D, BT, BD)
+        k_x = _desc(k_ptr, N, T, H * D, BT, BD)
+        v_x = _desc(v_ptr, N, T, H * E, BT, BE)
+        do_x = _desc(do_ptr, N, T, H * E, BT, BE)
+        dv_x = _desc(dv_ptr, N, T, H * E, BT, BE)
+        dk_x = _desc(dk_ptr, N, T, H * D, BT, BD)
+    else:
+        q_x, k_x, v_x, do_x, dv_x, dk_x = q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dk_ptr
     nch = tl.cdiv(end - start, BT)
     for c in range(0, nch):
         cs = start + (nch - 1 - c) * BT
@@ -368,23 +435,22 @@ def _bwd_dv_kernel(
         tok = cs + o_t
         m_t = o_t < L
         tok64 = tok.to(tl.int64)
-        k = tl.load(k_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-        qT = tl.load(q_ptr + (tok64[None, :] * H + h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :], other=0.0)
-        do = tl.load(do_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+        p0 = cs - bos
+        k = _ld(k_x, k_ptr, n, p0, 0, tok64, m_t, o_d, m_d, h, H, D, BT, BD, False, TMA)
+        qT = _ld(q_x, q_ptr, n, p0, 0, tok64, m_t, o_d, m_d, h, H, D, BT, BD, True, TMA)
+        do = _ld(do_x, do_ptr, n, p0, c_e, tok64, m_t, o_e, m_e, h, H, E, BT, BE, False, TMA)
         AT = _dot(k, qT, PREC, UP) * decayT  # [j, i]
         dv = _dot(AT.to(do.dtype), do, PREC, UP) * scale
         k_w = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
         # dv is finished and stored before dk starts (one [BT, BE] fp32 accumulator live at a time)
         dv += _sdot(k, R, STATE, PREC, UP) * k_w[:, None]
-        tl.store(dv_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_e[None, :])
+        _st(dv_x, dv_ptr, dv, n, p0, c_e, tok64, m_t, o_e, m_e, h, H, E, BT, BE, TMA)
         if DO_DK:
-            m_td = m_t[:, None] & m_d[None, :]
-            v = tl.load(v_ptr + (tok64[:, None] * H + h) * E + o_e[None, :], mask=m_t[:, None] & m_e[None, :], other=0.0)
+            v = _ld(v_x, v_ptr, n, p0, c_e, tok64, m_t, o_e, m_e, h, H, E, BT, BE, False, TMA)
             A2T = _dot(v, tl.trans(do), PREC, UP) * decayT  # [j, i]
             dk = _dot(A2T.to(qT.dtype), tl.trans(qT), PREC, UP) * scale
             dk += _sdot(v, tl.trans(R), STATE, PREC, UP) * k_w[:, None]
-            tl.store(dk_ptr + (tok64[:, None] * H + h) * D + o_d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=m_td)
+            _st(dk_x, dk_ptr, dk, n, p0, 0, tok64, m_t, o_d, m_d, h, H, D, BT, BD, TMA)
             if COMPUTE_DG:
                 g = tl.sum(k.to(tl.float32) * dk, axis=1)
                 tl.store(dgk_ptr + tok64 * H + h, g, mask=m_t)
@@ -400,7 +466,7 @@ def _lb_walk_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
     REVERSE: tl.constexpr, TRANS_INIT: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FIN: tl.constexpr,
     STORE_SBUF: tl.constexpr, COMPUTE_DG: tl.constexpr, IS_VARLEN: tl.constexpr, STATE: tl.constexpr, PREC: tl.constexpr,
-    UP: tl.constexpr,
+    UP: tl.constexpr, TMA: tl.constexpr,
 ):
     """One-pass chunk walk with a chained look-back between consecutive segments of a sequence.
 
@@ -421,6 +487,7 @@ def _lb_walk_kernel(
     slots suffice: the successor of a slot's next writer has read the slot.
     STORE_SBUF: also store the state entering each segment, sbuf [NSEG, H, DA, DC] (forward: the
     segment states the scan-path backward reads).
+    TMA (not varlen; DA = BK, DC a multiple of BC): tiles move through TMA descriptors of the N sequences.
     """
     NCB = tl.cdiv(DC, BC)
     t = tl.atomic_add(sync_ptr, 1)
@@ -455,6 +522,18 @@ def _lb_walk_kernel(
     m_k = o_k < DA
     m_c = o_c < DC
     m_kc = m_k[:, None] & m_c[None, :]
+    c_c = i_c * BC
+    if TMA:
+        a_x = _desc(a_ptr, N, T, H * DA, BT, BK)
+        b_x = _desc(b_ptr, N, T, H * DA, BT, BK)
+        c_x = _desc(c_ptr, N, T, H * DC, BT, BC)
+        out_x = _desc(out_ptr, N, T, H * DC, BT, BC)
+        if COMPUTE_DG:
+            x_x = _desc(x_ptr, N, T, H * DC, BT, BC)
+        else:
+            x_x = x_ptr
+    else:
+        a_x, b_x, c_x, out_x, x_x = a_ptr, b_ptr, c_ptr, out_ptr, x_ptr
 
     # (1) the segment's own contribution; the last segment of a sequence has no successor to publish to,
     # and its final state (STORE_FIN) is the walk's own final state, so it skips this pass
@@ -466,8 +545,8 @@ def _lb_walk_kernel(
         tok = cs + o_t
         m_t = tok < end
         tok64 = tok.to(tl.int64)
-        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
+        bT = _ld(b_x, b_ptr, n, cs - bos, 0, tok64, m_t, o_k, m_k, h, H, DA, BT, BK, True, TMA)
+        cc = _ld(c_x, c_ptr, n, cs - bos, c_c, tok64, m_t, o_c, m_c, h, H, DC, BT, BC, False, TMA)
         if REVERSE:
             ex = tl.where(m_t, tok - start + 1, 0).to(tl.float32)
         else:
@@ -521,10 +600,10 @@ def _lb_walk_kernel(
         tok = cs + o_t
         m_t = o_t < L
         tok64 = tok.to(tl.int64)
-        m_tc = m_t[:, None] & m_c[None, :]
-        a = tl.load(a_ptr + (tok64[:, None] * H + h) * DA + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-        bT = tl.load(b_ptr + (tok64[None, :] * H + h) * DA + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
-        cc = tl.load(c_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
+        p0 = cs - bos
+        a = _ld(a_x, a_ptr, n, p0, 0, tok64, m_t, o_k, m_k, h, H, DA, BT, BK, False, TMA)
+        bT = _ld(b_x, b_ptr, n, p0, 0, tok64, m_t, o_k, m_k, h, H, DA, BT, BK, True, TMA)
+        cc = _ld(c_x, c_ptr, n, p0, c_c, tok64, m_t, o_c, m_c, h, H, DC, BT, BC, False, TMA)
         A = _dot(a, bT, PREC, UP) * decay
         out = _dot(A.to(cc.dtype), cc, PREC, UP) * alpha
         w_L = tl.exp(-slope * tl.where(m_t, L - 1 - o_t, 0).to(tl.float32))
@@ -537,9 +616,9 @@ def _lb_walk_kernel(
         cd = cc.to(tl.float32) * bw[:, None]
         out += _sdot(a, S, STATE, PREC, UP) * aw[:, None]
         S = S * tl.exp(-slope * L.to(tl.float32)) + _sdot(bT, cd, STATE, PREC, UP)
-        tl.store(out_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], out.to(out_ptr.dtype.element_ty), mask=m_tc)
+        _st(out_x, out_ptr, out, n, p0, c_c, tok64, m_t, o_c, m_c, h, H, DC, BT, BC, TMA)
         if COMPUTE_DG:
-            x = tl.load(x_ptr + (tok64[:, None] * H + h) * DC + o_c[None, :], mask=m_tc, other=0.0)
+            x = _ld(x_x, x_ptr, n, p0, c_c, tok64, m_t, o_c, m_c, h, H, DC, BT, BC, False, TMA)
             g = tl.sum(x.to(tl.float32) * out, axis=1)
             tl.store(g_ptr + i_c.to(tl.int64) * NTOK * H + tok64 * H + h, g, mask=m_t)
     if STORE_FIN:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import triton
+import triton.language as tl
+from triton.runtime import _allocation
 from triton.runtime.errors import OutOfResources
 
 from .kernels import (
@@ -38,6 +41,36 @@ def _dummy(device):
 
 def _up(x) -> bool:
     return x.dtype == torch.bfloat16 and not x.is_cuda
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's global scratch (the TMA descriptors a kernel builds): a byte tensor on the current GPU."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma(cfg: LaunchConfig, kind: str, plan, tensors, fits: bool) -> bool:
+    """Whether a walk of ``kind`` moves its tiles through TMA descriptors (its KernelLaunch.tma and
+    LaunchConfig.tma): fixed-length batches only
+    (``fits``: the head dims are whole blocks of the launch), every tensor contiguous and 16-byte aligned
+    with 16-byte rows of H x head dim, and a Hopper or newer GPU ("auto", True) or the interpreter (True).
+    On a GPU it also sets Triton's scratch allocator in this thread when none is set (the kernels write
+    their descriptors to global scratch; the autograd thread that runs the backward needs its own)."""
+    D, E = tensors[0].shape[-1], tensors[2].shape[-1]
+    if (cfg.tma is False or not _kernel(cfg, kind, D, E).tma or plan.is_varlen or not fits
+            or not hasattr(tl, "make_tensor_descriptor")):
+        return False
+    x = tensors[0]
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif cfg.tma is not True:
+        return False
+    for t in tensors:
+        if not t.is_contiguous() or t.data_ptr() % 16 or (t.shape[-2] * t.shape[-1] * t.element_size()) % 16:
+            return False
+    if x.is_cuda and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+    return True
 
 
 def _state_mode(cfg: LaunchConfig, dtype) -> int:
@@ -73,9 +106,10 @@ def _blocks_state(cfg: LaunchConfig, D, E, kind="seg"):
     return min(blk, _p2(D)), min(blk, _p2(E))
 
 
-def _launch(cfg: LaunchConfig, kind, D, E) -> dict:
-    """Launch options (num_warps, num_stages, maxnreg) of a kernel kind for head dims D, E."""
-    return _kernel(cfg, kind, D, E).options()
+def _launch(cfg: LaunchConfig, kind, D, E, tma: bool = False) -> dict:
+    """Launch options (num_warps, num_stages, maxnreg) of a kernel kind for head dims D, E; tma: the launch
+    moves its tiles through TMA descriptors."""
+    return _kernel(cfg, kind, D, E).options(tma)
 
 
 # Launches whose tiles did not fit in shared memory with the configured pipeline depth (e.g. fp32
@@ -267,14 +301,16 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
     else:
         dgq = dgk = _dummy(dev)
 
+    tma_dq = _tma(cfg, "dqdk", plan, (q, k, v, do, dq, dk), D % BDq == 0 and BE == E)
+
     def dq_walk(gbuf):
         _call(
             _bwd_dqdk_kernel, (plan.NSEG * H * NDB,),
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
-            float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok,
+            float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok, plan.N,
             BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, fast_launch=cfg.fast_launch,
-            **_launch(cfg, "dqdk", D, E),
+            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, TMA=tma_dq, fast_launch=cfg.fast_launch,
+            **_launch(cfg, "dqdk", D, E, tma_dq),
         )
 
     if g_in_dq:
@@ -285,12 +321,14 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         gbuf = _seg_states(q, do, slopes, plan, cfg, scale, False, prec)
         dh0 = _scan(gbuf, dht, slopes, plan, cfg, reverse=True, store_fin=h0_given)
         dq_walk(gbuf)
+    tma_dv = _tma(cfg, kind_v, plan, (q, k, v, do, dv, dk), BD == D and E % BEv == 0)
     _call(
         _bwd_dv_kernel, (plan.NSEG * H * _cdiv(E, BEv),),
         q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
-        float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
+        float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, plan.N,
         BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-        DO_DK=fuse, COMPUTE_DG=compute_dg, fast_launch=cfg.fast_launch, **_launch(cfg, kind_v, D, E),
+        DO_DK=fuse, COMPUTE_DG=compute_dg, TMA=tma_dv, fast_launch=cfg.fast_launch,
+        **_launch(cfg, kind_v, D, E, tma_dv),
     )
     dG = dgq.sum(0) - dgk.sum(0) if compute_dg else None
     if ds_state:
@@ -332,6 +370,7 @@ def _lb_walk(a, b, c, out, slopes, plan, cfg: LaunchConfig, kind, reverse, init,
     lanes = plan.N * H * NCB
     chain = torch.empty(2 * lanes * BK * BC, dtype=torch.float32, device=dev)
     d = _dummy(dev)
+    tma = _tma(cfg, kind, plan, (a, b, c, out) + ((x,) if x is not None else ()), BK == DA and DC % BC == 0)
     _call(
         _lb_walk_kernel, (n_pos * H * NCB,),
         a, b, c, out, x if x is not None else d, g if g is not None else d,
@@ -341,8 +380,8 @@ def _lb_walk(a, b, c, out, slopes, plan, cfg: LaunchConfig, kind, reverse, init,
         float(alpha), float(gamma), float(beta), plan.T, H, DA, DC, plan.N, NP, pf_t, a.shape[0] * a.shape[1],
         BT=CHUNK, BK=BK, BC=BC, REVERSE=reverse, TRANS_INIT=trans_init, HAS_INIT=init is not None,
         STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None, IS_VARLEN=plan.is_varlen,
-        STATE=_state_mode(cfg, a.dtype), PREC=_prec(cfg, a.dtype), UP=_up(a), fast_launch=cfg.fast_launch,
-        **_launch(cfg, kind, DA, DC),
+        STATE=_state_mode(cfg, a.dtype), PREC=_prec(cfg, a.dtype), UP=_up(a),
+        TMA=tma, fast_launch=cfg.fast_launch, **_launch(cfg, kind, DA, DC, tma),
     )
 
 

@@ -62,21 +62,29 @@ class KernelLaunch:
     BLK: the largest block of the kernel's split head dim (E for "fwd"/"dv"/"dv_fused", D for "dqdk", both
     for "seg"/"scan"), further capped so that a register-resident fp32 state block has at most 128 x 128
     elements. num_warps; num_stages (None: Triton's default); maxnreg (None: no register cap).
+    tma (the chunk walks "fwd", "dqdk", "dv", "dv_fused"): the walk moves its tiles through TMA descriptors
+    where LaunchConfig.tma allows it; tma_stages: num_stages of such a launch (None: num_stages).
     """
 
     BLK: int
     num_warps: int
     num_stages: Optional[int] = None
     maxnreg: Optional[int] = None
+    tma: bool = False
+    tma_stages: Optional[int] = None
 
     def __post_init__(self):
         _check_launch_values("KernelLaunch", self.BLK, self.num_warps, self.num_stages, self.maxnreg, False)
+        _check_bool("KernelLaunch", "tma", self.tma)
+        _check_int("KernelLaunch", "tma_stages", self.tma_stages, optional=True)
 
-    def options(self) -> dict:
-        """The launch options passed to ``kernel[grid](...)``: num_warps and the values that are set."""
+    def options(self, tma: bool = False) -> dict:
+        """The launch options passed to ``kernel[grid](...)``: num_warps and the values that are set;
+        tma: the launch moves its tiles through TMA descriptors (tma_stages applies)."""
         opts = {"num_warps": self.num_warps}
-        if self.num_stages is not None:
-            opts["num_stages"] = self.num_stages
+        stages = self.tma_stages if tma and self.tma_stages is not None else self.num_stages
+        if stages is not None:
+            opts["num_stages"] = stages
         if self.maxnreg is not None:
             opts["maxnreg"] = self.maxnreg
         return opts
@@ -90,9 +98,13 @@ class KernelOverride:
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
     maxnreg: Optional[int] = None
+    tma: Optional[bool] = None
+    tma_stages: Optional[int] = None
 
     def __post_init__(self):
         _check_launch_values("KernelOverride", self.BLK, self.num_warps, self.num_stages, self.maxnreg, True)
+        _check_bool("KernelOverride", "tma", self.tma, optional=True)
+        _check_int("KernelOverride", "tma_stages", self.tma_stages, optional=True)
 
     def apply(self, base: KernelLaunch) -> KernelLaunch:
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
@@ -163,6 +175,11 @@ class LaunchConfig:
     D * E <= 128 * 128) covers E. dq_gstate: with fuse_dkdv, the dq walk also sums the backward segment
     states (q, do) that the reverse scan needs, in place of a _seg_state_kernel pass.
     fast_launch: on a GPU, launch through the compiled kernel once its launch signature has been seen.
+    tma: the chunk walks whose kind sets ``KernelLaunch.tma`` (by default the look-back forward and the
+    dv / dk+dv walk; the dq walk is faster with pointer loads) move their tiles through TMA tensor
+    descriptors instead of masked pointer loads: "auto" (on Hopper and newer GPUs), True (also under the
+    CPU interpreter, for tests) or False (never). Either way only for fixed-length batches whose head dims
+    are whole blocks and whose tensors are 16-byte aligned; the other calls take the pointer loads.
     small: :class:`SmallHeads` overrides for D, E <= 64.
     fp32_precision: dots of fp32 inputs, "ieee" (exact fp32) or "tf32" / "tf32x3" (tensor cores).
     poison: fill outputs with NaN before the kernels run (debug aid: an unwritten element shows up).
@@ -170,10 +187,10 @@ class LaunchConfig:
 
     seg: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
     scan: KernelLaunch = KernelLaunch(BLK=64, num_warps=4)
-    fwd: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
+    fwd: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2, tma=True)
     dqdk: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
-    dv: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2)
-    dv_fused: KernelLaunch = KernelLaunch(BLK=128, num_warps=8, num_stages=2)
+    dv: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=2, tma=True)
+    dv_fused: KernelLaunch = KernelLaunch(BLK=128, num_warps=8, num_stages=2, tma=True, tma_stages=3)
     dsl: KernelLaunch = KernelLaunch(BLK=64, num_warps=4, num_stages=3)
     waves: int = 2
     seg_max: int = 32
@@ -186,6 +203,7 @@ class LaunchConfig:
     fuse_dkdv: bool = True
     dq_gstate: bool = True
     fast_launch: bool = True
+    tma: Union[bool, str] = "auto"
     small: SmallHeads = SmallHeads(
         fuse_dkdv=True,
         scan=KernelOverride(BLK=32),
@@ -210,6 +228,8 @@ class LaunchConfig:
         if not (self.lookback is True or self.lookback is False or self.lookback == "fwd"):
             raise ValueError(f'LaunchConfig.lookback must be True, False or "fwd", got {self.lookback!r}')
         _check_int("LaunchConfig", "lb_chunks", self.lb_chunks)
+        if not (self.tma is True or self.tma is False or self.tma == "auto"):
+            raise ValueError(f'LaunchConfig.tma must be True, False or "auto", got {self.tma!r}')
         if not isinstance(self.state_bf16, str) or self.state_bf16 not in STATE_BF16_CHOICES:
             raise ValueError(f"LaunchConfig.state_bf16 must be one of {list(STATE_BF16_CHOICES)}, "
                              f"got {self.state_bf16!r}")
