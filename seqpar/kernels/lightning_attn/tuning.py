@@ -176,7 +176,8 @@ class LaunchConfig:
     states (q, do) that the reverse scan needs, in place of a _seg_state_kernel pass.
     fast_launch: on a GPU, launch through the compiled kernel once its launch signature has been seen.
     tma: the chunk walks whose kind sets ``KernelLaunch.tma`` (by default the look-back forward and the
-    dv / dk+dv walk; the dq walk is faster with pointer loads) move their tiles through TMA tensor
+    dv / dk+dv walk for head dims above 64; the dq walk, and every walk at D, E <= 64, are as fast or
+    faster with pointer loads) move their tiles through TMA tensor
     descriptors instead of masked pointer loads: "auto" (on Hopper and newer GPUs), True (also under the
     CPU interpreter, for tests) or False (never). Either way only for fixed-length batches whose head dims
     are whole blocks and whose tensors are 16-byte aligned; the other calls take the pointer loads.
@@ -207,9 +208,9 @@ class LaunchConfig:
     small: SmallHeads = SmallHeads(
         fuse_dkdv=True,
         scan=KernelOverride(BLK=32),
-        fwd=KernelOverride(num_stages=3),
+        fwd=KernelOverride(num_stages=3, tma=False),
         dqdk=KernelOverride(num_stages=3),
-        dv=KernelOverride(num_stages=3),
+        dv=KernelOverride(num_stages=3, tma=False),
     )
     fp32_precision: str = "ieee"
     poison: bool = False
