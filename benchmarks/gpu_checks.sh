@@ -285,9 +285,9 @@ if [[ $what == s10b ]]; then
     --shapes 4,16,32768,128 1,16,32768,128 --out "$OUT/kernel_tuning_h200_s10_tma.md" 2>&1 | grep -E "^\||BEST"
 fi
 if [[ $what == s10c ]]; then
-  timeout 230 python3 -m pytest -n 16 -q -p no:cacheprovider tests/kernels/test_chunk_triton.py tests/kernels/test_tuning.py \
+  timeout 200 python3 -m pytest -n 16 -q -p no:cacheprovider tests/kernels/test_chunk_triton.py tests/kernels/test_tuning.py \
     2>&1 | tee "$OUT/gpu_tests_chunk_triton.log" | tail -3
-  timeout 150 python3 benchmarks/bench_kernel.py --tune base notma --shapes 4,16,32768,128 1,16,32768,128 2,32,32768,64 \
+  timeout 130 python3 benchmarks/bench_kernel.py --tune base notma --shapes 4,16,32768,128 1,16,32768,128 2,32,32768,64 \
     --out "$OUT/kernel_tuning_h200_s10_tma_defaults.md" 2>&1 | grep -E "^\|"
   timeout 200 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model --steps 4 \
     --warmup 2 --tag _s10_tma --out "$OUT" 2>&1 | grep -E "^\| tnl"
