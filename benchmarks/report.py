@@ -174,24 +174,32 @@ def _median(xs: List[float]) -> Optional[float]:
 
 
 def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int,
-               sync: Callable[[], None] = torch.cuda.synchronize) -> dict:
-    """Time ``step`` (one training step, returning its loss) under :class:`GPUClock`: ``warmup + steps`` synced steps
-    (each starts on an idle device), then ``steps`` issued back to back with one sync at the end (a loop that logs
-    rarely). Returns {"step_s": median synced step, "issue_s": median host time to issue one, "b2b_s": mean
-    back-to-back step, "losses": [float] of every synced step, "clock": the clock summary or "-"}."""
+               sync: Callable[[], None] = torch.cuda.synchronize, clock: Callable[[], "GPUClock"] = None) -> dict:
+    """Time ``step`` (one training step, returning its loss): ``warmup`` synced steps (compilation, autotuning),
+    then under :class:`GPUClock` ``steps`` synced steps (each starts on an idle device) and ``steps`` issued back
+    to back with one sync at the end (a loop that logs rarely). The clock samples only the timed steps, not the
+    warmup's compilation, when the GPU idles at its top clock. Returns {"step_s": median synced step, "issue_s":
+    median host time to issue one, "b2b_s": mean back-to-back step, "losses": [float] of every synced step,
+    "clock": the clock summary or "-"}. ``clock``: the sampler's factory (tests pass a stand-in)."""
     times, issue, losses = [], [], []
-    with GPUClock() as clock:
-        for i in range(warmup + steps):
-            sync()
-            t0 = time.perf_counter()
-            loss = step()
-            t1 = time.perf_counter()
-            sync()
-            t2 = time.perf_counter()
-            losses.append(loss.item())
-            if i >= warmup:
-                times.append(t2 - t0)
-                issue.append(t1 - t0)
+
+    def synced():
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        losses.append(loss.item())
+        return t2 - t0, t1 - t0
+
+    for _ in range(warmup):
+        synced()
+    with (clock or GPUClock)() as clk:
+        for _ in range(steps):
+            t, i = synced()
+            times.append(t)
+            issue.append(i)
         sync()
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -199,4 +207,4 @@ def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int,
         sync()
         b2b = (time.perf_counter() - t0) / steps
     return dict(step_s=statistics.median(times), issue_s=statistics.median(issue), b2b_s=b2b, losses=losses,
-                clock=clock.summary() or "-")
+                clock=clk.summary() or "-")

@@ -67,3 +67,30 @@ def test_time_steps_counts_synced_and_back_to_back_steps():
     assert calls[5:] == [11, 11, 11]  # the back-to-back steps run with no sync between them
     assert r["step_s"] >= 0 and r["issue_s"] <= r["step_s"] + 1e-3 and r["b2b_s"] >= 0
     assert r["clock"] in ("-",) or r["clock"].startswith("SM ")
+
+
+def test_time_steps_samples_the_clock_over_the_timed_steps_only():
+    """The warmup (compilation: the GPU idles at its top clock) runs before the clock starts sampling."""
+    from report import time_steps
+
+    events = []
+
+    class Clock:
+        def __enter__(self):
+            events.append("enter")
+            return self
+
+        def __exit__(self, *exc):
+            events.append("exit")
+            return False
+
+        def summary(self):
+            return "SM 1600 MHz (1500-1700), 690 W"
+
+    def step():
+        events.append("step")
+        return torch.tensor(0.0)
+
+    r = time_steps(step, warmup=2, steps=3, sync=lambda: None, clock=Clock)
+    assert events == ["step"] * 2 + ["enter"] + ["step"] * 6 + ["exit"]
+    assert r["clock"] == "SM 1600 MHz (1500-1700), 690 W" and len(r["losses"]) == 5
