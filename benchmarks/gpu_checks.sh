@@ -47,6 +47,8 @@
 #                                           variants that TMA's lower register use may open (B4/B1 H16 T32K D128)
 #   bash benchmarks/gpu_checks.sh s10c      kernel GPU tests; kernel times with the per-kind TMA defaults vs no TMA (D128 B4/B1,
 #                                           D64); tnl-1b step profile at 32K
+#   bash benchmarks/gpu_checks.sh s11a      kernel GPU tests (chunk walks, launch tuning) with the small-head defaults
+#   bash benchmarks/gpu_checks.sh s11b      bench_train tnl-0.4b vs compiled LLaMA at 32K with the TMA walks (clock over timed steps)
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -291,6 +293,14 @@ if [[ $what == s10c ]]; then
     --out "$OUT/kernel_tuning_h200_s10_tma_defaults.md" 2>&1 | grep -E "^\|"
   timeout 200 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --variants ac0-fused --compile model --steps 4 \
     --warmup 2 --tag _s10_tma --out "$OUT" 2>&1 | grep -E "^\| tnl"
+fi
+if [[ $what == s11a ]]; then
+  timeout 500 python3 -m pytest -n 16 -q -p no:cacheprovider tests/kernels/test_chunk_triton.py tests/kernels/test_tuning.py \
+    2>&1 | tee "$OUT/gpu_tests_chunk_triton.log" | tail -3
+fi
+if [[ $what == s11b ]]; then
+  timeout 500 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 131072 --steps 3 --warmup 1 \
+    --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\||Error" | tail -4
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
