@@ -296,6 +296,11 @@ TUNE_VARIANTS = {
     # the chunk walks' tiles through masked pointer loads instead of TMA descriptors
     "notma": {"tma": False},
     "dvfw4": {"dv_fused": {"num_warps": 4}},
+    # forward launches that TMA's lower register use opens (sm_90 compile: 8 warps 172 registers, no spills;
+    # BLK 128 at 8 warps: no spills, q and k read once instead of once per E block)
+    "fwdw8": {"fwd": {"num_warps": 8}},
+    "fwdw8r128": {"fwd": {"num_warps": 8, "maxnreg": 128}},
+    "fwdw16": {"fwd": {"num_warps": 16}},
 }
 
 
@@ -417,6 +422,10 @@ def main():
             ap.error(f"unknown --tune variants {unknown}; known: {' '.join(TUNE_VARIANTS)}")
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else [(4, 16, 32768, 128)]
         text = tune(shapes, args.tune or list(TUNE_VARIANTS), device, args.learnable_slopes)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import report
+
+        text = "\n".join(report.header("Kernel times per launch-config variant", "bench_kernel.py")) + "\n" + text
         print(text)
         if args.out:
             with open(args.out, "w") as fh:

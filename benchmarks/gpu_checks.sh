@@ -49,6 +49,8 @@
 #                                           D64); tnl-1b step profile at 32K
 #   bash benchmarks/gpu_checks.sh s11a      kernel GPU tests (chunk walks, launch tuning) with the small-head defaults
 #   bash benchmarks/gpu_checks.sh s11b      bench_train tnl-0.4b vs compiled LLaMA at 32K with the TMA walks (clock over timed steps)
+#   bash benchmarks/gpu_checks.sh s11c      kernel times of forward launches that the TMA walks' register use opens (8/16 warps,
+#                                           BLK 128), the dq walk at 8 warps (spill-free on sm_90)
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -301,6 +303,10 @@ fi
 if [[ $what == s11b ]]; then
   timeout 500 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 32768 --tokens 131072 --steps 3 --warmup 1 \
     --ac auto --compile model --out "$OUT" 2>&1 | grep -E "^\||Error" | tail -4
+fi
+if [[ $what == s11c ]]; then
+  timeout 330 python3 benchmarks/bench_kernel.py --tune base fwdw8 fwdw8r128 fwdblk128w8 fwdw16 dqw8 \
+    --shapes 4,16,32768,128 1,16,32768,128 --out "$OUT/kernel_tuning_h200_s11_fwd_launch.md" 2>&1 | grep -E "^\||BEST"
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
