@@ -282,6 +282,25 @@ def _fwd_out_kernel(
                  mask=m_t[:, None] & m_e[None, :])
 
 
+@triton.jit
+def _bwd_sources(q_ptr, k_ptr, v_ptr, do_ptr, dx_ptr, dk_ptr, pid_s, N, T, H, D, E, NS,
+                 BT: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, DX_E: tl.constexpr, TMA: tl.constexpr):
+    """(n, bos, q, k, v, do, dx, dk) of a backward walk's segment pid_s: with TMA its sequence n, first token bos
+    and TMA descriptors of the [N, T, H x head dim] tensors (dx: dq in BD blocks, or dv in BE blocks with DX_E);
+    without, n = bos = 0 and the pointers themselves."""
+    if TMA:
+        n = pid_s // NS
+        if DX_E:
+            dx = _desc(dx_ptr, N, T, H * E, BT, BE)
+        else:
+            dx = _desc(dx_ptr, N, T, H * D, BT, BD)
+        return (n, n * T, _desc(q_ptr, N, T, H * D, BT, BD), _desc(k_ptr, N, T, H * D, BT, BD),
+                _desc(v_ptr, N, T, H * E, BT, BE), _desc(do_ptr, N, T, H * E, BT, BE), dx,
+                _desc(dk_ptr, N, T, H * D, BT, BD))
+    else:
+        return 0, 0, q_ptr, k_ptr, v_ptr, do_ptr, dx_ptr, dk_ptr
+
+
 @triton.jit(do_not_specialize=["T", "NS", "NTOK"])
 def _bwd_dqdk_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, hbuf_ptr, gbuf_ptr, dgq_ptr, dgk_ptr,
@@ -311,21 +330,9 @@ def _bwd_dqdk_kernel(
     sbase = (pid_s.to(tl.int64) * H + h) * D * E
     decay = _decay_tile(o_t, slope, False)
     q_w = tl.exp(-slope * (o_t + 1).to(tl.float32))
-    n = 0  # TMA: sequence index and first token (fixed-length batches only)
-    bos = 0
-    if TMA:
-        n = pid_s // NS
-        bos = n * T
+    n, bos, q_x, k_x, v_x, do_x, dq_x, dk_x = _bwd_sources(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, pid_s, N, T, H,
+                                                          D, E, NS, BT, BD, BE, False, TMA)
     c_d = i_d * BD
-    if TMA:
-        q_x = _desc(q_ptr, N, T, H * D, BT, BD)
-        k_x = _desc(k_ptr, N, T, H * D, BT, BD)
-        v_x = _desc(v_ptr, N, T, H * E, BT, BE)
-        do_x = _desc(do_ptr, N, T, H * E, BT, BE)
-        dq_x = _desc(dq_ptr, N, T, H * D, BT, BD)
-        dk_x = _desc(dk_ptr, N, T, H * D, BT, BD)
-    else:
-        q_x, k_x, v_x, do_x, dq_x, dk_x = q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr
 
     # ---- dq: forward walk, ST = S^T block [BE, BD]
     ST = tl.load(hbuf_ptr + sbase + o_d[None, :] * E + o_e[:, None], mask=m_e[:, None] & m_d[None, :], other=0.0)
@@ -413,21 +420,9 @@ def _bwd_dv_kernel(
                 mask=m_d[:, None] & m_e[None, :], other=0.0)
     decayT = _decay_tile(o_t, slope, True)  # [j, i]: lambda^(i-j) for j <= i
     q_w = tl.exp(-slope * (o_t + 1).to(tl.float32)) * scale
-    n = 0  # TMA: sequence index and first token (fixed-length batches only)
-    bos = 0
-    if TMA:
-        n = pid_s // NS
-        bos = n * T
+    n, bos, q_x, k_x, v_x, do_x, dv_x, dk_x = _bwd_sources(q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dk_ptr, pid_s, N, T, H,
+                                                          D, E, NS, BT, BD, BE, True, TMA)
     c_e = i_e * BE
-    if TMA:
-        q_x = _desc(q_ptr, N, T, H * D, BT, BD)
-        k_x = _desc(k_ptr, N, T, H * D, BT, BD)
-        v_x = _desc(v_ptr, N, T, H * E, BT, BE)
-        do_x = _desc(do_ptr, N, T, H * E, BT, BE)
-        dv_x = _desc(dv_ptr, N, T, H * E, BT, BE)
-        dk_x = _desc(dk_ptr, N, T, H * D, BT, BD)
-    else:
-        q_x, k_x, v_x, do_x, dv_x, dk_x = q_ptr, k_ptr, v_ptr, do_ptr, dv_ptr, dk_ptr
     nch = tl.cdiv(end - start, BT)
     for c in range(0, nch):
         cs = start + (nch - 1 - c) * BT
