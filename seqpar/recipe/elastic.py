@@ -45,9 +45,16 @@ def init_torchelastic_process_group(accelerator: str) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def destroy_process_group() -> None:
-    """Destroy the default process group if one exists (end of a run)."""
+def destroy_process_group(barrier: bool = False) -> None:
+    """Destroy the default process group if one exists (end of a run).
+
+    barrier: first wait until every rank has arrived (a run that ended normally on this rank), so that no rank
+    tears its gloo / NCCL connections down while a peer still has collectives in flight, which can abort the
+    peer at exit (gloo: "terminate called without an active exception") after a finished run. Leave it off on
+    an error path: the peers may never arrive."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

@@ -73,6 +73,7 @@ def main(argv: Optional[List[str]] = None, callbacks: Optional[Sequence[Any]] = 
     if layout["accelerator"] == "gpu":
         torch.set_float32_matmul_precision("high")
     init_torchelastic_process_group(layout["accelerator"])
+    finished = False
     try:
         if cfg.trainer.resume == "auto" and torch.distributed.is_available() and torch.distributed.is_initialized():
             choice = [ckpt_path]  # every rank resumes from rank 0's choice (files may change while ranks start)
@@ -89,6 +90,7 @@ def main(argv: Optional[List[str]] = None, callbacks: Optional[Sequence[Any]] = 
             stopped = any(getattr(c, "stopped_at", None) is not None for c in trainer.callbacks)
             print(f"[train.py] {'stopped' if stopped else 'done'}: step {trainer.global_step}, checkpoint {last}, "
                   f"logs {trainer.logger.log_dir}")
+        finished = True
     finally:
-        destroy_process_group()
+        destroy_process_group(barrier=finished)
     return 0
