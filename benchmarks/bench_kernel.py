@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
 
 DEFAULT_SHAPES = [
     (4, 16, 2048, 128),
@@ -422,9 +424,6 @@ def main():
             ap.error(f"unknown --tune variants {unknown}; known: {' '.join(TUNE_VARIANTS)}")
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else [(4, 16, 32768, 128)]
         text = tune(shapes, args.tune or list(TUNE_VARIANTS), device, args.learnable_slopes)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import report
-
         text = "\n".join(report.header("Kernel times per launch-config variant", "bench_kernel.py")) + "\n" + text
         print(text)
         if args.out:

@@ -1,6 +1,8 @@
 """Registers, stack (spills) and shared memory of the chunk-walk kernels for sm_90, compiled without a GPU.
 
-    python benchmarks/kernel_regs_offline.py [--kernels lb dq dv] [--tma] [--stages 2]
+    python benchmarks/kernel_regs_offline.py [--kernels lb dq dv] [--tma] [--stages 2] [--warps 8] [--maxnreg 128]
+
+Other block sizes from Python: ``resources(load_kernels(KERNELS), "lb", True, warps=8, BC=128)``.
 
 Compiles each walk with ``triton.compile`` for an sm_90 target, with the argument attributes a launch at
 B4 H16 D=E=128 bf16 gets (16-byte aligned pointers, H and the head dims multiples of 16), and reads the
@@ -64,21 +66,27 @@ def signature(fn, ptrs: dict, floats, consts: dict) -> dict:
     return {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in floats else "i32") for n in fn.arg_names}
 
 
-def resources(mod, walk: str, tma: bool, stages=None) -> dict:
-    """{"REG", "STACK", "SHARED_KB"} of one walk compiled for sm_90 (tma: the TMA constexpr, where it has one)."""
+def resources(mod, walk: str, tma: bool, stages=None, warps=None, maxnreg=None, **constexprs) -> dict:
+    """{"REG", "STACK", "SHARED_KB"} of one walk compiled for sm_90 (tma: the TMA constexpr, where it has one;
+    stages, warps: WALKS' values when None; maxnreg: a register cap; constexprs: e.g. BC=128 over WALKS')."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, ptrs, floats, consts, warps, st, div16 = WALKS[walk]
+    name, ptrs, floats, consts, w, st, div16 = WALKS[walk]
     fn = getattr(mod, name)
-    consts = dict(consts)
+    unknown = sorted(set(constexprs) - set(consts))
+    if unknown:
+        raise ValueError(f"constexprs: {unknown} are not constexprs of {name} ({sorted(consts)})")
+    consts = dict(consts, **constexprs)
     if "TMA" in fn.arg_names:
         consts["TMA"] = tma
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in ptrs or n in div16}
     src = ASTSource(fn=fn, signature=signature(fn, ptrs, floats, consts), constexprs=consts, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 128),
-                        options={"num_warps": warps, "num_stages": stages or st})
+    options = {"num_warps": warps or w, "num_stages": stages or st}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
@@ -99,7 +107,11 @@ def main(argv=None):
     ap.add_argument("--kernels", nargs="*", default=list(WALKS), help=f"walks: {', '.join(WALKS)}")
     ap.add_argument("--kernels-file", default=KERNELS, help="the kernels module to compile (a path)")
     ap.add_argument("--tma", action="store_true", help="compile the TMA variant of each walk")
-    ap.add_argument("--stages", type=int, default=None, help="num_stages (default: the launch config's)")
+    ap.add_argument("--stages", type=int, default=None,
+                    help="num_stages (default: WALKS', the default launch's without TMA; with TMA the dk+dv walk "
+                         "launches at KernelLaunch.tma_stages = 3)")
+    ap.add_argument("--warps", type=int, default=None, help="num_warps (default: WALKS', the default launch's)")
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap (ptxas -maxnreg)")
     args = ap.parse_args(argv)
     bad = [w for w in args.kernels if w not in WALKS]
     if bad:
@@ -108,7 +120,7 @@ def main(argv=None):
     print(f"triton {triton.__version__}, sm_90, {args.kernels_file}")
     print("| walk | TMA | registers | stack bytes | shared KB |\n|---|---|---|---|---|")
     for walk in args.kernels:
-        r = resources(mod, walk, args.tma, args.stages)
+        r = resources(mod, walk, args.tma, args.stages, args.warps, args.maxnreg)
         print(f"| {WALKS[walk][0]} | {args.tma} | {r['REG']} | {r['STACK']} | {r['SHARED_KB']} |", flush=True)
 
 

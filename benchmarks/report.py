@@ -174,7 +174,7 @@ def _median(xs: List[float]) -> Optional[float]:
 
 
 def time_steps(step: Callable[[], torch.Tensor], warmup: int, steps: int,
-               sync: Callable[[], None] = torch.cuda.synchronize, clock: Callable[[], "GPUClock"] = None) -> dict:
+               sync: Callable[[], None] = torch.cuda.synchronize, clock: Optional[Callable[[], "GPUClock"]] = None) -> dict:
     """Time ``step`` (one training step, returning its loss): ``warmup`` synced steps (compilation, autotuning),
     then under :class:`GPUClock` ``steps`` synced steps (each starts on an idle device) and ``steps`` issued back
     to back with one sync at the end (a loop that logs rarely). The clock samples only the timed steps, not the

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import pytest  # noqa: E402
-from kernel_regs_offline import KERNELS, WALKS, load_kernels, main, signature  # noqa: E402
+from kernel_regs_offline import KERNELS, WALKS, load_kernels, main, resources, signature  # noqa: E402
 
 
 @pytest.mark.parametrize("walk", list(WALKS))
@@ -30,3 +30,9 @@ def test_unknown_walk_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--kernels", "nope"])
     assert "--kernels" in capsys.readouterr().err
+
+
+def test_unknown_constexpr_is_refused():
+    mod = load_kernels(KERNELS)
+    with pytest.raises(ValueError, match="BQ"):
+        resources(mod, "lb", True, BQ=128)
