@@ -1,6 +1,6 @@
 """Training throughput vs sequence length on one GPU: TransNormerLLM (Lightning Attention-2) vs LLaMA-SDPA.
 
-Tokens per optimizer step are held fixed (``--tokens``, batch = tokens / T); each row is one model at
+Tokens per optimizer step are held fixed (``--tokens``, batch = tokens / T; a comma list gives a row per value); each row is one model at
 one length: median step time (forward + backward + AdamW; each step synced), tokens/GPU/s, MFU and peak memory,
 and tokens/GPU/s of the same number of steps issued back to back with one sync at the end. The
 LLaMA-style baseline has the same width, depth and head dim, softmax attention through torch SDPA
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import math
 import os
 import sys
@@ -50,6 +51,17 @@ def tnl_attention_flops_per_token(cfg: TNLConfig, chunk: int = 64) -> float:
 
 AC_CHOICES = {"0": "none", "none": "none", "1": "full", "full": "full", "sel": "selective",
               "selective": "selective", "auto": "auto"}
+
+
+def token_counts(text: str) -> list:
+    """--tokens: "131072" or "32768,65536" -> [int, ...], each > 0."""
+    try:
+        counts = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens expects positive integers separated by commas, got {text!r}")
+    if not counts or min(counts) <= 0:
+        raise argparse.ArgumentTypeError(f"--tokens expects positive integers separated by commas, got {text!r}")
+    return counts
 
 
 def ac_policy(value) -> str:
@@ -146,7 +158,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tnl-0.4b,tnl-1b")
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768,65536,131072")
-    ap.add_argument("--tokens", type=int, default=131072, help="tokens per optimizer step")
+    ap.add_argument("--tokens", type=token_counts, default=[131072],
+                    help="tokens per optimizer step, or a comma list (one row per value and length)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ac", type=ac_policy, default="full",
@@ -244,40 +257,39 @@ def main():
                       "model": ["llama+model"]}[args.compile]
         for name in args.models.split(","):
             cfg = TNLConfig.preset(name, **overrides)
-            for T in [int(t) for t in args.lengths.split(",")]:
-                for kind in kinds:
-                    label = {"tnl": "Lightning Attention-2 (seqpar)", "llama": "softmax, torch SDPA",
-                             "tnl+compile": "Lightning Attention-2 (seqpar), blocks compiled",
-                             "llama+compile": "softmax, torch SDPA, blocks compiled",
-                             "tnl+model": "Lightning Attention-2 (seqpar), model compiled",
-                             "llama+model": "softmax, torch SDPA, model compiled"}[kind]
-                    scope = "model" if kind.endswith("model") else kind.endswith("compile")
-                    model_name = name if kind.startswith("tnl") else f"LLaMA, {name}'s size"
+            for T, tokens, kind in itertools.product([int(t) for t in args.lengths.split(",")], args.tokens, kinds):
+                label = {"tnl": "Lightning Attention-2 (seqpar)", "llama": "softmax, torch SDPA",
+                         "tnl+compile": "Lightning Attention-2 (seqpar), blocks compiled",
+                         "llama+compile": "softmax, torch SDPA, blocks compiled",
+                         "tnl+model": "Lightning Attention-2 (seqpar), model compiled",
+                         "llama+model": "softmax, torch SDPA, model compiled"}[kind]
+                scope = "model" if kind.endswith("model") else kind.endswith("compile")
+                model_name = name if kind.startswith("tnl") else f"LLaMA, {name}'s size"
+                try:
                     try:
-                        try:
-                            r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, args.ac,
-                                        args.peak_tflops, compile_blocks=scope)
-                        except torch.cuda.OutOfMemoryError:
-                            # --ac auto: the baseline has no memory estimate; it gets full recompute when none fits
-                            if args.ac != "auto" or kind.startswith("tnl"):
-                                raise
-                            r = None
-                        if r is None:  # retried outside the except block: its traceback held the failed run's tensors
-                            gc.collect()
-                            torch.cuda.empty_cache()
-                            r = run_one(kind.split("+")[0], cfg, T, args.tokens, args.steps, args.warmup, "full",
-                                        args.peak_tflops, compile_blocks=scope)
-                        label = f"{label}, recompute {r['policy']}"
-                        rows.append(f"| {model_name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
-                                    f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
-                                    f"{r['tps_b2b']:.0f} | {r['clock']} |")
+                        r = run_one(kind.split("+")[0], cfg, T, tokens, args.steps, args.warmup, args.ac,
+                                    args.peak_tflops, compile_blocks=scope)
                     except torch.cuda.OutOfMemoryError:
-                        label = f"{label}, recompute {args.ac}"
-                        rows.append(f"| {model_name} | {label} | {T} | {max(1, args.tokens // T)} | OOM | | | | | | | |")
-                    finally:
+                        # --ac auto: the baseline has no memory estimate; it gets full recompute when none fits
+                        if args.ac != "auto" or kind.startswith("tnl"):
+                            raise
+                        r = None
+                    if r is None:  # retried outside the except block: its traceback held the failed run's tensors
                         gc.collect()
                         torch.cuda.empty_cache()
-                    flush_table(rows[-1])
+                        r = run_one(kind.split("+")[0], cfg, T, tokens, args.steps, args.warmup, "full",
+                                    args.peak_tflops, compile_blocks=scope)
+                    label = f"{label}, recompute {r['policy']}"
+                    rows.append(f"| {model_name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
+                                f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "
+                                f"{r['tps_b2b']:.0f} | {r['clock']} |")
+                except torch.cuda.OutOfMemoryError:
+                    label = f"{label}, recompute {args.ac}"
+                    rows.append(f"| {model_name} | {label} | {T} | {max(1, tokens // T)} | OOM | | | | | | | |")
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                flush_table(rows[-1])
     print(flush_table())
     print(f"wrote {path}")
 
