@@ -51,6 +51,9 @@
 #   bash benchmarks/gpu_checks.sh s11b      bench_train tnl-0.4b vs compiled LLaMA at 32K with the TMA walks (clock over timed steps)
 #   bash benchmarks/gpu_checks.sh s11c      kernel times of forward launches that the TMA walks' register use opens (8/16 warps,
 #                                           BLK 128), the dq walk at 8 warps (spill-free on sm_90)
+#   bash benchmarks/gpu_checks.sh s12a      tnl-1b at 32K with 32K and 64K tokens per optimizer step (B1, B2): bench_train rows,
+#                                           the B2 step profile
+#   bash benchmarks/gpu_checks.sh s12b      train.py tnl-1b at 32K B2 (per-step lines), then bench_train's B2 row in the same lease
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -307,6 +310,20 @@ fi
 if [[ $what == s11c ]]; then
   timeout 330 python3 benchmarks/bench_kernel.py --tune base fwdw8 fwdw8r128 fwdblk128w8 fwdw16 dqw8 \
     --shapes 4,16,32768,128 1,16,32768,128 --out "$OUT/kernel_tuning_h200_s11_fwd_launch.md" 2>&1 | grep -E "^\||BEST"
+fi
+if [[ $what == s12a ]]; then
+  timeout 300 python3 benchmarks/bench_train.py --models tnl-1b --lengths 32768 --tokens 32768,65536 --steps 4 --warmup 2 \
+    --ac auto --compile model --baseline none --out "$OUT" 2>&1 | grep -E "^\||Error" | tail -4
+  timeout 200 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --B 2 --variants ac0-fused --compile model \
+    --steps 4 --warmup 2 --tag _s12_B2 --out "$OUT" 2>&1 | grep -E "^tnl|Error"
+fi
+if [[ $what == s12b ]]; then
+  timeout 300 python3 train.py --config configs/tnl-1b.yaml parallel.sp=1 data.seq_len=32768 data.batch_size=2 \
+    data.max_bytes=16000000 model.compile=true model.overrides.activation_checkpointing=none trainer.max_steps=30 \
+    trainer.log_every=10 trainer.val_check_interval=null trainer.ckpt_every=0 trainer.out_dir=/tmp/r_1b \
+    2>&1 | tee "$OUT/train_py_tnl-1b_T32768_B2_s12.log" | grep -E "^step|done|Error" | tail -4
+  timeout 240 python3 benchmarks/bench_train.py --models tnl-1b --lengths 32768 --tokens 65536 --steps 4 --warmup 2 \
+    --ac auto --compile model --baseline none --out "$OUT" 2>&1 | grep -E "^\||Error" | tail -3
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
