@@ -1,6 +1,7 @@
 """Training throughput vs sequence length on one GPU: TransNormerLLM (Lightning Attention-2) vs LLaMA-SDPA.
 
-Tokens per optimizer step are held fixed (``--tokens``, batch = tokens / T; a comma list gives a row per value); each row is one model at
+Tokens per optimizer step are held fixed (``--tokens``, batch = tokens / T; a comma list gives a row per value;
+``--micro-batch`` accumulates the batch in forwards of that many sequences); each row is one model at
 one length: median step time (forward + backward + AdamW; each step synced), tokens/GPU/s, MFU and peak memory,
 and tokens/GPU/s of the same number of steps issued back to back with one sync at the end. The
 LLaMA-style baseline has the same width, depth and head dim, softmax attention through torch SDPA
@@ -64,6 +65,17 @@ def token_counts(text: str) -> list:
     return counts
 
 
+def accumulation(B: int, micro_batch: int) -> int:
+    """Micro-batches per optimizer step: B sequences in forwards of ``micro_batch`` each (0: all B in one)."""
+    if micro_batch < 0:
+        raise ValueError(f"--micro-batch must be >= 0 (0: the whole batch in one forward), got {micro_batch}")
+    if micro_batch == 0 or micro_batch >= B:
+        return 1
+    if B % micro_batch:
+        raise ValueError(f"--micro-batch {micro_batch} must divide the batch of {B} sequences (--tokens / T)")
+    return B // micro_batch
+
+
 def ac_policy(value) -> str:
     """--ac: 0 / none, sel / selective, 1 / full, auto -> the TNLConfig.activation_checkpointing policy."""
     v = str(value).lower()
@@ -103,8 +115,10 @@ def loss_of(kind, model, x, y):
 
 
 def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks=False, offload=False,
-            seq_chunk=None):
+            seq_chunk=None, micro_batch=0):
     B = max(1, tokens // T)
+    accum = accumulation(B, micro_batch)
+    mb = B // accum
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()  # each row compiles afresh (no dynamic-shape graphs from earlier rows)
@@ -117,13 +131,16 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=g)
 
-    def train_step():  # one optimizer step
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(kind, model, x, y)
-        loss.backward()
+    def train_step():  # one optimizer step over accum micro-batches of mb sequences (gradients summed in .grad)
+        total = 0.0
+        for i in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_of(kind, model, x[i * mb:(i + 1) * mb], y[i * mb:(i + 1) * mb]) / accum
+            loss.backward()
+            total = total + loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return total
 
     timed = report.time_steps(train_step, warmup, steps)
     bad = [v for v in timed["losses"] if not math.isfinite(v)]
@@ -136,7 +153,7 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     policy = ac_policy(int(ac) if isinstance(ac, bool) else ac)
     if kind == "tnl":  # "auto" resolved for this shape
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            policy = model.activation_policy(B, min(T, seq_chunk or T), x)
+            policy = model.activation_policy(mb, min(T, seq_chunk or T), x[:mb])
     elif policy != "full":
         policy = "none"
     attn = tnl_attention_flops_per_token(cfg) if kind == "tnl" else attention_flops_per_token(cfg.n_layers, cfg.d_model, T)
@@ -150,7 +167,7 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, x, y
     gc.collect()
-    return dict(B=B, step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, clock=timed["clock"], mfu=mfu, hfu=hfu,
+    return dict(B=B if accum == 1 else f"{B} ({accum} x {mb})", step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, clock=timed["clock"], mfu=mfu, hfu=hfu,
                 peak_gib=peak, params=n_params, loss0=first_loss, policy=policy)
 
 
@@ -160,6 +177,9 @@ def main():
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--tokens", type=token_counts, default=[131072],
                     help="tokens per optimizer step, or a comma list (one row per value and length)")
+    ap.add_argument("--micro-batch", type=int, default=0,
+                    help="sequences per forward/backward; the --tokens / T sequences of a step are accumulated in "
+                         "micro-batches of this many (0: all in one)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--ac", type=ac_policy, default="full",
@@ -178,6 +198,11 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     overrides = report.parse_overrides(args.set)
+    for T, tokens in itertools.product([int(t) for t in args.lengths.split(",")], args.tokens):
+        try:  # a --micro-batch that does not divide a row's batch fails here, before any GPU work
+            accumulation(max(1, tokens // T), args.micro_batch)
+        except ValueError as e:
+            ap.error(str(e))
     TNLConfig.preset("tiny", **overrides)  # a bad override fails here, before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
@@ -268,7 +293,7 @@ def main():
                 try:
                     try:
                         r = run_one(kind.split("+")[0], cfg, T, tokens, args.steps, args.warmup, args.ac,
-                                    args.peak_tflops, compile_blocks=scope)
+                                    args.peak_tflops, compile_blocks=scope, micro_batch=args.micro_batch)
                     except torch.cuda.OutOfMemoryError:
                         # --ac auto: the baseline has no memory estimate; it gets full recompute when none fits
                         if args.ac != "auto" or kind.startswith("tnl"):
@@ -278,7 +303,7 @@ def main():
                         gc.collect()
                         torch.cuda.empty_cache()
                         r = run_one(kind.split("+")[0], cfg, T, tokens, args.steps, args.warmup, "full",
-                                    args.peak_tflops, compile_blocks=scope)
+                                    args.peak_tflops, compile_blocks=scope, micro_batch=args.micro_batch)
                     label = f"{label}, recompute {r['policy']}"
                     rows.append(f"| {model_name} | {label} | {T} | {r['B']} | {r['step_ms']:.0f} | {r['tps']:.0f} | "
                                 f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss0']:.4f} | "

@@ -56,6 +56,7 @@
 #   bash benchmarks/gpu_checks.sh s12b      train.py tnl-1b at 32K B2 (per-step lines), then bench_train's B2 row in the same lease
 #   bash benchmarks/gpu_checks.sh s13       s12b again (its files were lost with session 12's machine), then train.py tnl-1b B2 with
 #                                           2 micro-batches per optimizer step (128K tokens per step)
+#   bash benchmarks/gpu_checks.sh s13b      bench_train tnl-1b at 32K: B2 vs B4 as 2 micro-batches of 2, alternating rows (drift)
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -333,6 +334,11 @@ if [[ $what == s13 ]]; then
     data.max_bytes=16000000 model.compile=true model.overrides.activation_checkpointing=none trainer.max_steps=20 \
     trainer.accumulate_grad_batches=2 trainer.log_every=10 trainer.val_check_interval=null trainer.ckpt_every=0 \
     trainer.out_dir=/tmp/r_1b_acc2 2>&1 | tee "$OUT/train_py_tnl-1b_T32768_B2_acc2_s13.log" | grep -E "^step|done|Error" | tail -4
+fi
+if [[ $what == s13b ]]; then
+  timeout 500 python3 benchmarks/bench_train.py --models tnl-1b --lengths 32768 --tokens 65536,131072,65536,131072 \
+    --micro-batch 2 --steps 4 --warmup 2 --ac auto --compile model --baseline none --out "$OUT" 2>&1 \
+    | grep -E "^\||Error" | tail -6
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \
