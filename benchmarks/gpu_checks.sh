@@ -57,6 +57,8 @@
 #   bash benchmarks/gpu_checks.sh s13       s12b again (its files were lost with session 12's machine), then train.py tnl-1b B2 with
 #                                           2 micro-batches per optimizer step (128K tokens per step)
 #   bash benchmarks/gpu_checks.sh s13b      bench_train tnl-1b at 32K: B2 vs B4 as 2 micro-batches of 2, alternating rows (drift)
+#   bash benchmarks/gpu_checks.sh s13c      fused head's weight gradient accumulated by the GEMM into fp32: GPU tests, then tnl-1b
+#                                           B2 profiles at 32K, unfused / fp32-accumulating alternating
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -339,6 +341,18 @@ if [[ $what == s13b ]]; then
   timeout 500 python3 benchmarks/bench_train.py --models tnl-1b --lengths 32768 --tokens 65536,131072,65536,131072 \
     --micro-batch 2 --steps 4 --warmup 2 --ac auto --compile model --baseline none --out "$OUT" 2>&1 \
     | grep -E "^\||Error" | tail -6
+fi
+if [[ $what == s13c ]]; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_linear_ce.py 2>&1 \
+    | tee "$OUT/gpu_tests_linear_ce_s13c.log" | tail -3
+  i=0
+  for hg in unfused auto unfused auto; do
+    i=$((i + 1))
+    timeout 150 python3 benchmarks/profile_train.py --models tnl-1b --T 32768 --B 2 --variants ac0-fused \
+      --compile model --steps 4 --warmup 2 --head-gemms $hg --tag _s13c_B2_${i}_$hg --out "$OUT" 2>&1 \
+      | grep -E "^tnl|Error" | tail -2
+  done
+  ls "$OUT"
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

@@ -198,6 +198,9 @@ def main():
                     help="fused: the clip factor goes into the fused AdamW step (train.py); inplace: torch's clipping")
     ap.add_argument("--set", default="", help="TNLConfig overrides for every run, e.g. residual_dtype=autocast")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    ap.add_argument("--head-gemms", default="auto", choices=["auto", "unfused"],
+                    help="fused head's weight-gradient GEMMs: auto (accumulate into fp32 where aten can) or unfused "
+                         "(bf16 products added into fp32: the path before, for A/B runs)")
     ap.add_argument("--tag", default="", help="suffix of the result file's name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
@@ -207,6 +210,10 @@ def main():
     TNLConfig.preset("tiny", **overrides)  # a bad override fails here, before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("profile_train.py needs a CUDA GPU")
+    if args.head_gemms == "unfused":
+        from seqpar.kernels.linear_ce import interface as linear_ce_interface
+
+        linear_ce_interface._fp32_accumulating_mm = lambda device, cdtype: False
     import triton
 
     dev = torch.cuda.get_device_name()

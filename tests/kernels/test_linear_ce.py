@@ -111,3 +111,36 @@ def test_gpu_triton_matches_torch_path_bf16():
     l2.backward()
     assert _relerr(l1, l2) < 1e-5
     assert _relerr(g1[0], h.grad) < 1e-2 and _relerr(g1[1], w.grad) < 1e-2
+
+
+def test_fp32_accumulating_gemm_only_on_cuda_half_compute():
+    from seqpar.kernels.linear_ce import interface
+    assert not interface._fp32_accumulating_mm(torch.device("cpu"), torch.bfloat16)
+    assert not interface._fp32_accumulating_mm(torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_dtype", [torch.bfloat16, torch.float32])
+def test_gpu_fp32_accumulating_head_gemms_at_least_as_accurate(monkeypatch, h_dtype):
+    """The weight gradient accumulated by the GEMM into fp32 (and dh written in place) against the unfused
+    path (bf16 partial products added into fp32), both against float64; 5 chunks, the last one partial."""
+    from seqpar.kernels.linear_ce import interface
+    assert interface._fp32_accumulating_mm(torch.device("cuda"), torch.bfloat16)
+    h, w, y = _inputs(4096, 256, 8000, torch.float32, device="cuda")
+    h = h.detach().to(h_dtype).requires_grad_()
+    ref = _ref(h, w, y)
+
+    def run():
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hh, ww, y, chunk_tokens=1000)
+        loss.backward()
+        return loss, hh.grad, ww.grad
+
+    fused = run()
+    monkeypatch.setattr(interface, "_fp32_accumulating_mm", lambda device, cdtype: False)
+    plain = run()
+    for a, b, r in zip(fused, plain, ref):
+        assert a.dtype == b.dtype
+        assert _relerr(a, r) <= 1.05 * _relerr(b, r) + 1e-6
+    assert _relerr(fused[2], plain[2]) < 1e-2 and _relerr(fused[1], plain[1]) < 1e-2

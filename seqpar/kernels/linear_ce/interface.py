@@ -2,8 +2,10 @@
 
 Per chunk of ``chunk_tokens`` rows the logits are formed in the compute dtype, one pass turns them into the
 row losses and (in place) into their gradient ``softmax - onehot``, and the two gradient GEMMs run at once:
-``dh = dlogits @ weight`` and ``dweight += dlogits^T @ h``. Nothing of size [N, V] outlives the chunk, the
-head's GEMM is not recomputed in the backward, and no fp32 copy of the logits is made. The backward only
+``dh = dlogits @ weight`` (written into its rows of dh) and ``dweight += dlogits^T @ h``. On CUDA with bf16 /
+fp16 compute the second GEMM accumulates into the fp32 ``dweight`` itself (aten's ``addmm`` with an fp32
+``out_dtype``), so no bf16 partial product, fp32 copy of it or separate add is made. Nothing of size [N, V]
+outlives the chunk, the head's GEMM is not recomputed in the backward, and no fp32 copy of the logits is made. The backward only
 scales the stored ``dh`` / ``dweight`` by the incoming scalar gradient.
 
 Compute dtype: the autocast dtype when autocast is on for the inputs' device, else the inputs' dtype.
@@ -43,6 +45,26 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, weight.dtype)
 
 
+_FP32_ACC_MM = {}
+
+
+def _fp32_accumulating_mm(device: torch.device, cdtype: torch.dtype) -> bool:
+    """Whether ``aten::addmm.dtype_out`` (a ``cdtype`` GEMM accumulating into an fp32 C in place) runs here:
+    CUDA with bf16 / fp16 compute, probed once per device."""
+    if device.type != "cuda" or cdtype not in (torch.bfloat16, torch.float16):
+        return False
+    key = (device.index, cdtype)
+    if key not in _FP32_ACC_MM:
+        try:
+            a = torch.zeros(16, 16, device=device, dtype=cdtype)
+            c = torch.zeros(16, 16, device=device, dtype=torch.float32)
+            torch.ops.aten.addmm.dtype_out(c, a, a, torch.float32, out=c)
+            _FP32_ACC_MM[key] = True
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _FP32_ACC_MM[key] = False
+    return _FP32_ACC_MM[key]
+
+
 def _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, need_dh, need_dw):
     """Loss sum and the stored gradients (dh [N, d] in h's dtype, dw [V, d] fp32/fp64; empty [0] when not
     needed) of the chunked head."""
@@ -51,7 +73,11 @@ def _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, n
     acc = torch.float64 if cdtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=h.device)
     dh = torch.empty_like(h) if need_dh else h.new_empty(0)
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else weight.new_empty(0, dtype=acc)
+    fused_dw = need_dw and acc == torch.float32 and _fp32_accumulating_mm(h.device, cdtype)
+    if not need_dw:
+        dw = weight.new_empty(0, dtype=acc)
+    else:  # the fused path's first chunk overwrites dw
+        dw = (torch.empty if fused_dw else torch.zeros)(weight.shape, dtype=acc, device=weight.device)
     use_triton = backend == "triton" or (backend == "auto" and h.is_cuda)
     if use_triton:
         from .triton_ce import ce_fwd_bwd_
@@ -65,9 +91,18 @@ def _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, n
             else:
                 rows = _ce_fwd_bwd_torch_(logits, lc, ignore_index)
             total += rows.sum().to(acc)
-            if need_dh:
-                dh[s : s + chunk_tokens] = logits @ w
-            if need_dw:
+            if need_dh:  # into dh's rows (contiguous) without a copy where the dtypes allow
+                if dh.dtype == logits.dtype:
+                    torch.mm(logits, w, out=dh[s : s + chunk_tokens])
+                elif dh.dtype == torch.float32 and _fp32_accumulating_mm(h.device, cdtype):
+                    torch.ops.aten.mm.dtype_out(logits, w, torch.float32, out=dh[s : s + chunk_tokens])
+                else:
+                    dh[s : s + chunk_tokens] = logits @ w
+            if fused_dw and s == 0:
+                torch.ops.aten.mm.dtype_out(logits.t(), hc, acc, out=dw)
+            elif fused_dw:
+                torch.ops.aten.addmm.dtype_out(dw, logits.t(), hc, acc, out=dw)
+            elif need_dw:
                 dw += (logits.t() @ hc).to(acc)
     return total, dh, dw
 
