@@ -144,3 +144,13 @@ def test_gpu_fp32_accumulating_head_gemms_at_least_as_accurate(monkeypatch, h_dt
         assert a.dtype == b.dtype
         assert _relerr(a, r) <= 1.05 * _relerr(b, r) + 1e-6
     assert _relerr(fused[2], plain[2]) < 1e-2 and _relerr(fused[1], plain[1]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_no_rows_gives_zero_gradients():
+    h = torch.zeros(0, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(300, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long, device="cuda"))
+    loss.backward()
+    assert loss.item() == 0 and w.grad.abs().max().item() == 0 and h.grad.shape == (0, 64)

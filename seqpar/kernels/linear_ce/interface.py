@@ -73,7 +73,7 @@ def _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, n
     acc = torch.float64 if cdtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=h.device)
     dh = torch.empty_like(h) if need_dh else h.new_empty(0)
-    fused_dw = need_dw and acc == torch.float32 and _fp32_accumulating_mm(h.device, cdtype)
+    fused_dw = need_dw and N > 0 and acc == torch.float32 and _fp32_accumulating_mm(h.device, cdtype)
     if not need_dw:
         dw = weight.new_empty(0, dtype=acc)
     else:  # the fused path's first chunk overwrites dw
