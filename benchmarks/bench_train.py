@@ -167,8 +167,9 @@ def run_one(kind, cfg, T, tokens, steps, warmup, ac, peak_tflops, compile_blocks
     peak = torch.cuda.max_memory_allocated() / 2**30
     del model, opt, x, y
     gc.collect()
-    return dict(B=B if accum == 1 else f"{B} ({accum} x {mb})", step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b, clock=timed["clock"], mfu=mfu, hfu=hfu,
-                peak_gib=peak, params=n_params, loss0=first_loss, policy=policy)
+    return dict(B=B if accum == 1 else f"{B} ({accum} x {mb})", step_ms=step * 1e3, tps=tps, tps_b2b=tps_b2b,
+                clock=timed["clock"], mfu=mfu, hfu=hfu, peak_gib=peak, params=n_params, loss0=first_loss,
+                policy=policy)
 
 
 def main():
@@ -198,7 +199,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     overrides = report.parse_overrides(args.set)
-    for T, tokens in itertools.product([int(t) for t in args.lengths.split(",")], args.tokens):
+    lengths = [int(t) for t in args.lengths.split(",")]
+    for T, tokens in itertools.product(lengths, args.tokens):
         try:  # a --micro-batch that does not divide a row's batch fails here, before any GPU work
             accumulation(max(1, tokens // T), args.micro_batch)
         except ValueError as e:
@@ -282,7 +284,7 @@ def main():
                       "model": ["llama+model"]}[args.compile]
         for name in args.models.split(","):
             cfg = TNLConfig.preset(name, **overrides)
-            for T, tokens, kind in itertools.product([int(t) for t in args.lengths.split(",")], args.tokens, kinds):
+            for T, tokens, kind in itertools.product(lengths, args.tokens, kinds):
                 label = {"tnl": "Lightning Attention-2 (seqpar)", "llama": "softmax, torch SDPA",
                          "tnl+compile": "Lightning Attention-2 (seqpar), blocks compiled",
                          "llama+compile": "softmax, torch SDPA, blocks compiled",

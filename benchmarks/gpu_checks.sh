@@ -59,7 +59,6 @@
 #   bash benchmarks/gpu_checks.sh s13b      bench_train tnl-1b at 32K: B2 vs B4 as 2 micro-batches of 2, alternating rows (drift)
 #   bash benchmarks/gpu_checks.sh s13c      fused head's weight gradient accumulated by the GEMM into fp32: GPU tests, then tnl-1b
 #                                           B2 profiles at 32K, unfused / fp32-accumulating alternating
-#   bash benchmarks/gpu_checks.sh s13d      s11b after the head's fp32-accumulating GEMM: tnl-0.4b vs compiled LLaMA at 32K B4
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -354,9 +353,6 @@ if [[ $what == s13c ]]; then
       | grep -E "^tnl|Error" | tail -2
   done
   ls "$OUT"
-fi
-if [[ $what == s13d ]]; then
-  bash "$0" s11b
 fi
 if [[ $what == s3c ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-0.4b --lengths 2048,32768,131072 --tokens 131072 \

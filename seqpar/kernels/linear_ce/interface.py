@@ -5,8 +5,8 @@ row losses and (in place) into their gradient ``softmax - onehot``, and the two 
 ``dh = dlogits @ weight`` (written into its rows of dh) and ``dweight += dlogits^T @ h``. On CUDA with bf16 /
 fp16 compute the second GEMM accumulates into the fp32 ``dweight`` itself (aten's ``addmm`` with an fp32
 ``out_dtype``), so no bf16 partial product, fp32 copy of it or separate add is made. Nothing of size [N, V]
-outlives the chunk, the head's GEMM is not recomputed in the backward, and no fp32 copy of the logits is made. The backward only
-scales the stored ``dh`` / ``dweight`` by the incoming scalar gradient.
+outlives the chunk, the head's GEMM is not recomputed in the backward, and no fp32 copy of the logits is made.
+The backward only scales the stored ``dh`` / ``dweight`` by the incoming scalar gradient.
 
 Compute dtype: the autocast dtype when autocast is on for the inputs' device, else the inputs' dtype.
 The row pass is the Triton kernel of :mod:`.triton_ce` on CUDA (or on CPU tensors under
@@ -73,7 +73,9 @@ def _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, n
     acc = torch.float64 if cdtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=h.device)
     dh = torch.empty_like(h) if need_dh else h.new_empty(0)
-    fused_dw = need_dw and N > 0 and acc == torch.float32 and _fp32_accumulating_mm(h.device, cdtype)
+    fp32_mm = acc == torch.float32 and _fp32_accumulating_mm(h.device, cdtype)
+    fused_dw = need_dw and N > 0 and fp32_mm
+    dh_out = need_dh and (dh.dtype == cdtype or (dh.dtype == torch.float32 and fp32_mm))  # GEMM writes dh's rows
     if not need_dw:
         dw = weight.new_empty(0, dtype=acc)
     else:  # the fused path's first chunk overwrites dw
@@ -91,13 +93,12 @@ def _linear_ce(h, weight, labels, ignore_index, chunk_tokens, backend, cdtype, n
             else:
                 rows = _ce_fwd_bwd_torch_(logits, lc, ignore_index)
             total += rows.sum().to(acc)
-            if need_dh:  # into dh's rows (contiguous) without a copy where the dtypes allow
-                if dh.dtype == logits.dtype:
-                    torch.mm(logits, w, out=dh[s : s + chunk_tokens])
-                elif dh.dtype == torch.float32 and _fp32_accumulating_mm(h.device, cdtype):
-                    torch.ops.aten.mm.dtype_out(logits, w, torch.float32, out=dh[s : s + chunk_tokens])
-                else:
-                    dh[s : s + chunk_tokens] = logits @ w
+            if dh_out and dh.dtype == cdtype:  # into dh's rows (contiguous): no copy
+                torch.mm(logits, w, out=dh[s : s + chunk_tokens])
+            elif dh_out:
+                torch.ops.aten.mm.dtype_out(logits, w, torch.float32, out=dh[s : s + chunk_tokens])
+            elif need_dh:
+                dh[s : s + chunk_tokens] = logits @ w
             if fused_dw and s == 0:
                 torch.ops.aten.mm.dtype_out(logits.t(), hc, acc, out=dw)
             elif fused_dw:
