@@ -303,6 +303,14 @@ TUNE_VARIANTS = {
     "fwdw8": {"fwd": {"num_warps": 8}},
     "fwdw8r128": {"fwd": {"num_warps": 8, "maxnreg": 128}},
     "fwdw16": {"fwd": {"num_warps": 16}},
+    # tokens per walk step (KernelLaunch.BT; CHUNK = 64 by default): half the serial steps of a walk at 128
+    "bt128": {k: {"BT": 128} for k in ("fwd", "dqdk", "dv", "dv_fused")},
+    "fwdbt128": {"fwd": {"BT": 128}},
+    "fwdbt128w8": {"fwd": {"BT": 128, "num_warps": 8}},
+    "dqbt128": {"dqdk": {"BT": 128}},
+    "dqbt128w8": {"dqdk": {"BT": 128, "num_warps": 8}},
+    "dvfbt128": {"dv_fused": {"BT": 128}},
+    "bt32": {k: {"BT": 32} for k in ("fwd", "dqdk", "dv", "dv_fused")},
 }
 
 

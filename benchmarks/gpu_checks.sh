@@ -59,6 +59,8 @@
 #   bash benchmarks/gpu_checks.sh s13b      bench_train tnl-1b at 32K: B2 vs B4 as 2 micro-batches of 2, alternating rows (drift)
 #   bash benchmarks/gpu_checks.sh s13c      fused head's weight gradient accumulated by the GEMM into fp32: GPU tests, then tnl-1b
 #                                           B2 profiles at 32K, unfused / fp32-accumulating alternating
+#   bash benchmarks/gpu_checks.sh s14       tokens per walk step (KernelLaunch.BT 128 / 32 vs CHUNK 64): GPU tests of the walks, sm_90
+#                                           registers and spills per BT, kernel times per variant
 #   bash benchmarks/gpu_checks.sh s3c       bench_train 2K/32K/128K vs compiled LLaMA, loss parity at lr 2e-4, 3 seeds
 # Needs omegaconf (+ antlr4 runtime) for train.py: carried as wheels in .whl/ where the image lacks them.
 set -uo pipefail
@@ -315,6 +317,17 @@ fi
 if [[ $what == s11c ]]; then
   timeout 330 python3 benchmarks/bench_kernel.py --tune base fwdw8 fwdw8r128 fwdblk128w8 fwdw16 dqw8 \
     --shapes 4,16,32768,128 1,16,32768,128 --out "$OUT/kernel_tuning_h200_s11_fwd_launch.md" 2>&1 | grep -E "^\||BEST"
+fi
+if [[ $what == s14 ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_chunk_triton.py tests/kernels/test_tuning.py \
+    -k "walk_step or tma or lookback or fused_dkdv or bad_values" 2>&1 | tail -4
+  for spec in "lb --tma --warps 4" "lb --tma --warps 8" "dq --warps 4" "dq --warps 8" "dv --tma --stages 3 --warps 8"; do
+    for bt in 64 128; do
+      timeout 120 python3 benchmarks/kernel_regs_offline.py --kernels $spec --bt $bt 2>&1 | grep -E "^\| _|Error" | tail -2
+    done
+  done
+  timeout 400 python3 benchmarks/bench_kernel.py --tune base fwdbt128 fwdbt128w8 dqbt128 dqbt128w8 dvfbt128 bt128 bt32 \
+    --shapes 4,16,32768,128 2,32,32768,64 --out "$OUT/kernel_tuning_h200_s14_walk_step.md" 2>&1 | grep -E "^\||BEST|Error"
 fi
 if [[ $what == s12a ]]; then
   timeout 300 python3 benchmarks/bench_train.py --models tnl-1b --lengths 32768 --tokens 32768,65536 --steps 4 --warmup 2 \

@@ -1,6 +1,7 @@
 """Registers, stack (spills) and shared memory of the chunk-walk kernels for sm_90, compiled without a GPU.
 
     python benchmarks/kernel_regs_offline.py [--kernels lb dq dv] [--tma] [--stages 2] [--warps 8] [--maxnreg 128]
+                                             [--bt 128]
 
 Other block sizes from Python: ``resources(load_kernels(KERNELS), "lb", True, warps=8, BC=128)``.
 
@@ -112,16 +113,23 @@ def main(argv=None):
                          "launches at KernelLaunch.tma_stages = 3)")
     ap.add_argument("--warps", type=int, default=None, help="num_warps (default: WALKS', the default launch's)")
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap (ptxas -maxnreg)")
+    ap.add_argument("--bt", type=int, default=None, help="tokens per walk step, BT (default: WALKS', CHUNK)")
     args = ap.parse_args(argv)
     bad = [w for w in args.kernels if w not in WALKS]
     if bad:
         ap.error(f"--kernels: {bad} not among {list(WALKS)}")
     mod = load_kernels(args.kernels_file)
     print(f"triton {triton.__version__}, sm_90, {args.kernels_file}")
-    print("| walk | TMA | registers | stack bytes | shared KB |\n|---|---|---|---|---|")
+    if args.bt is not None and (args.bt < 16 or args.bt & (args.bt - 1)):
+        ap.error(f"--bt: a power of two >= 16, got {args.bt}")
+    extra = {} if args.bt is None else {"BT": args.bt}
+    print("| walk | TMA | BT | warps | registers | stack bytes | shared KB |\n|---|---|---|---|---|---|---|")
     for walk in args.kernels:
-        r = resources(mod, walk, args.tma, args.stages, args.warps, args.maxnreg)
-        print(f"| {WALKS[walk][0]} | {args.tma} | {r['REG']} | {r['STACK']} | {r['SHARED_KB']} |", flush=True)
+        r = resources(mod, walk, args.tma, args.stages, args.warps, args.maxnreg, **extra)
+        bt = extra.get("BT", WALKS[walk][3]["BT"])
+        warps = args.warps or WALKS[walk][4]
+        print(f"| {WALKS[walk][0]} | {args.tma} | {bt} | {warps} | {r['REG']} | {r['STACK']} | {r['SHARED_KB']} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -337,6 +337,38 @@ def test_lookback_segments_of_several_chunks(mode):
     _check(2, 450, 1, 32, 16, torch.float32, "strong", True, True, config=cfg)
 
 
+@pytest.mark.parametrize("mode", ["fwd", True])
+@pytest.mark.parametrize("bt", [32, 128])
+def test_walk_step_tokens(mode, bt, monkeypatch):
+    """KernelLaunch.BT: the chunk walks step by bt tokens where whole steps tile the segments (two-chunk
+    segments: 128 tokens), else by CHUNK (three-chunk segments with bt=128); dense with a partial last step
+    and packed, every output and gradient against float64."""
+    walks = ("fwd", "dqdk", "dv", "dv_fused")
+    cfg = CFG.replace(lookback=mode, **{kind: {"BT": bt} for kind in walks},
+                      small={kind: {"BT": bt} for kind in walks})
+    seen = {}
+    orig = launch._call
+
+    def spy(kernel, grid, *a, **kw):
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
+        seen.setdefault(name, set()).add(kw.get("BT"))
+        return orig(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(launch, "_call", spy)
+    cu = torch.tensor([0, 100, 100, 300, 301, 330], dtype=torch.int32)
+    _check(1, 330, 2, 32, 16, torch.float32, "weak", True, True, cu=cu, config=cfg.replace(seg_chunks=2))
+    _check(2, 200, 1, 16, 32, torch.float32, "strong", True, True, config=cfg.replace(seg_chunks=2))
+    if DEV == "cpu" or torch.cuda.get_device_capability()[0] >= 9:  # the same through TMA descriptors
+        every = {kind: {"BT": bt, "tma": True} for kind in walks}
+        _check(2, 200, 1, 16, 32, torch.float32, "strong", True, True,
+               config=cfg.replace(seg_chunks=2, tma=True, small=every, **every))
+    walk_kernels = {"_lb_walk_kernel"} | ({"_bwd_dqdk_kernel", "_bwd_dv_kernel"} if mode == "fwd" else set())
+    assert all(seen[w] == {bt} for w in walk_kernels), seen
+    seen.clear()
+    _check(1, 200, 2, 16, 16, torch.float32, "strong", False, True, config=cfg.replace(seg_chunks=3))
+    assert all(seen[w] == {bt if bt == 32 else 64} for w in walk_kernels), seen
+
+
 def test_segment_length_does_not_change_the_result():
     q, k, v, s, h0, _, _ = _make(1, 300, 2, 16, 16, torch.float32, "strong", True)
     dev = lambda x: x.to(DEV)  # noqa: E731

@@ -83,6 +83,8 @@ def test_unknown_keys_name_the_key(overrides, match):
     ({"tma": "yes"}, "tma"),
     ({"dv": {"tma": 1}}, "dv.*tma"),
     ({"dv_fused": {"tma_stages": 0}}, "dv_fused.*tma_stages"),
+    ({"fwd": {"BT": 48}}, "fwd.*BT"),
+    ({"small": {"dqdk": {"BT": 512}}}, "small.dqdk.*BT"),
 ])
 def test_bad_values_fail_at_construction(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -96,6 +96,13 @@ def _kernel(cfg: LaunchConfig, kind, D, E) -> KernelLaunch:
     return cfg.kernel(kind, _small(D, E))
 
 
+def _bt(cfg: LaunchConfig, kind, D, E, seg_t: int) -> int:
+    """Tokens per step of a chunk walk of ``kind`` over segments of seg_t tokens: the kind's BT when whole
+    steps tile the segment (so that no step reads or writes across a segment's end), else CHUNK."""
+    bt = _kernel(cfg, kind, D, E).BT
+    return bt if seg_t % bt == 0 else CHUNK
+
+
 def _fuse_dkdv(cfg: LaunchConfig, D, E) -> bool:
     """dk in the dv kernel's reverse walk: cfg.fuse_dkdv, or cfg.small.fuse_dkdv (when set) for D, E <= 64."""
     return cfg.fuse(_small(D, E))
@@ -249,8 +256,8 @@ def lightning_attn_fwd(q, k, v, slopes, scale, h0, plan, cfg: LaunchConfig):
             _fwd_out_kernel, grid,
             q, k, v, o, hbuf, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T,
-            BT=CHUNK, BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-            fast_launch=cfg.fast_launch, **_launch(cfg, "fwd", D, E),
+            BT=_bt(cfg, "fwd", D, E, plan.SEG_T), BD=BD, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode,
+            PREC=prec, UP=_up(q), fast_launch=cfg.fast_launch, **_launch(cfg, "fwd", D, E),
         )
     return o, ht, hbuf
 
@@ -308,8 +315,8 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
             _bwd_dqdk_kernel, (plan.NSEG * H * NDB,),
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok, plan.N,
-            BT=CHUNK, BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-            COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, TMA=tma_dq, fast_launch=cfg.fast_launch,
+            BT=_bt(cfg, "dqdk", D, E, plan.SEG_T), BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode,
+            PREC=prec, UP=_up(q), COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, TMA=tma_dq, fast_launch=cfg.fast_launch,
             **_launch(cfg, "dqdk", D, E, tma_dq),
         )
 
@@ -326,8 +333,8 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
         _bwd_dv_kernel, (plan.NSEG * H * _cdiv(E, BEv),),
         q, k, v, do, dv, dk, dgk, gbuf, slopes, *_seg_args(plan, dev),
         float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, plan.N,
-        BT=CHUNK, BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE=state_mode, PREC=prec, UP=_up(q),
-        DO_DK=fuse, COMPUTE_DG=compute_dg, TMA=tma_dv, fast_launch=cfg.fast_launch,
+        BT=_bt(cfg, kind_v, D, E, plan.SEG_T), BD=BD, BE=BEv, IS_VARLEN=plan.is_varlen, STATE=state_mode,
+        PREC=prec, UP=_up(q), DO_DK=fuse, COMPUTE_DG=compute_dg, TMA=tma_dv, fast_launch=cfg.fast_launch,
         **_launch(cfg, kind_v, D, E, tma_dv),
     )
     dG = dgq.sum(0) - dgk.sum(0) if compute_dg else None
@@ -378,8 +385,8 @@ def _lb_walk(a, b, c, out, slopes, plan, cfg: LaunchConfig, kind, reverse, init,
         plan.cu if plan.is_varlen else d, tab if tab is not None else d,
         sbuf if sbuf is not None else d, plan.segoff if (plan.is_varlen and sbuf is not None) else d,
         float(alpha), float(gamma), float(beta), plan.T, H, DA, DC, plan.N, NP, pf_t, a.shape[0] * a.shape[1],
-        BT=CHUNK, BK=BK, BC=BC, REVERSE=reverse, TRANS_INIT=trans_init, HAS_INIT=init is not None,
-        STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None, IS_VARLEN=plan.is_varlen,
+        BT=_bt(cfg, kind, DA, DC, pf_t), BK=BK, BC=BC, REVERSE=reverse, TRANS_INIT=trans_init,
+        HAS_INIT=init is not None, STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None, IS_VARLEN=plan.is_varlen,
         STATE=_state_mode(cfg, a.dtype), PREC=_prec(cfg, a.dtype), UP=_up(a),
         TMA=tma, fast_launch=cfg.fast_launch, **_launch(cfg, kind, DA, DC, tma),
     )

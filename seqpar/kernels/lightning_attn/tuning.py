@@ -55,6 +55,13 @@ def _check_launch_values(owner: str, blk, num_warps, num_stages, maxnreg, option
     _check_int(owner, "maxnreg", maxnreg, lo=16, optional=True)
 
 
+def _check_bt(owner: str, bt, optional: bool) -> None:
+    if bt is None and optional:
+        return
+    if type(bt) is not int or bt < 16 or bt > 256 or bt & (bt - 1):
+        raise ValueError(f"{owner}.BT must be a power of two in [16, 256], got {bt!r}")
+
+
 @dataclass(frozen=True)
 class KernelLaunch:
     """Launch values of one kernel kind.
@@ -64,6 +71,8 @@ class KernelLaunch:
     elements. num_warps; num_stages (None: Triton's default); maxnreg (None: no register cap).
     tma (the chunk walks "fwd", "dqdk", "dv", "dv_fused"): the walk moves its tiles through TMA descriptors
     where LaunchConfig.tma allows it; tma_stages: num_stages of such a launch (None: num_stages).
+    BT (the chunk walks): tokens per step of the walk, a power of two in [16, 256]; a walk whose segments
+    are not a whole number of BT-token steps steps by plan.CHUNK instead.
     """
 
     BLK: int
@@ -72,11 +81,13 @@ class KernelLaunch:
     maxnreg: Optional[int] = None
     tma: bool = False
     tma_stages: Optional[int] = None
+    BT: int = 64
 
     def __post_init__(self):
         _check_launch_values("KernelLaunch", self.BLK, self.num_warps, self.num_stages, self.maxnreg, False)
         _check_bool("KernelLaunch", "tma", self.tma)
         _check_int("KernelLaunch", "tma_stages", self.tma_stages, optional=True)
+        _check_bt("KernelLaunch", self.BT, False)
 
     def options(self, tma: bool = False) -> dict:
         """The launch options passed to ``kernel[grid](...)``: num_warps and the values that are set;
@@ -100,11 +111,13 @@ class KernelOverride:
     maxnreg: Optional[int] = None
     tma: Optional[bool] = None
     tma_stages: Optional[int] = None
+    BT: Optional[int] = None
 
     def __post_init__(self):
         _check_launch_values("KernelOverride", self.BLK, self.num_warps, self.num_stages, self.maxnreg, True)
         _check_bool("KernelOverride", "tma", self.tma, optional=True)
         _check_int("KernelOverride", "tma_stages", self.tma_stages, optional=True)
+        _check_bt("KernelOverride", self.BT, True)
 
     def apply(self, base: KernelLaunch) -> KernelLaunch:
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
