@@ -118,10 +118,10 @@ def main(argv=None):
     bad = [w for w in args.kernels if w not in WALKS]
     if bad:
         ap.error(f"--kernels: {bad} not among {list(WALKS)}")
-    mod = load_kernels(args.kernels_file)
-    print(f"triton {triton.__version__}, sm_90, {args.kernels_file}")
     if args.bt is not None and (args.bt < 16 or args.bt & (args.bt - 1)):
         ap.error(f"--bt: a power of two >= 16, got {args.bt}")
+    mod = load_kernels(args.kernels_file)
+    print(f"triton {triton.__version__}, sm_90, {args.kernels_file}")
     extra = {} if args.bt is None else {"BT": args.bt}
     print("| walk | TMA | BT | warps | registers | stack bytes | shared KB |\n|---|---|---|---|---|---|---|")
     for walk in args.kernels:

@@ -337,6 +337,22 @@ def test_lookback_segments_of_several_chunks(mode):
     _check(2, 450, 1, 32, 16, torch.float32, "strong", True, True, config=cfg)
 
 
+def _spy_launches(monkeypatch, key):
+    """Wrap launch._call: returns {kernel name: set of the launch argument ``key`` seen}, filled as kernels
+    launch (launches without that argument are not recorded)."""
+    seen = {}
+    orig = launch._call
+
+    def spy(kernel, grid, *a, **kw):
+        if key in kw:
+            name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
+            seen.setdefault(name, set()).add(kw[key])
+        return orig(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(launch, "_call", spy)
+    return seen
+
+
 @pytest.mark.parametrize("mode", ["fwd", True])
 @pytest.mark.parametrize("bt", [32, 128])
 def test_walk_step_tokens(mode, bt, monkeypatch):
@@ -346,15 +362,7 @@ def test_walk_step_tokens(mode, bt, monkeypatch):
     walks = ("fwd", "dqdk", "dv", "dv_fused")
     cfg = CFG.replace(lookback=mode, **{kind: {"BT": bt} for kind in walks},
                       small={kind: {"BT": bt} for kind in walks})
-    seen = {}
-    orig = launch._call
-
-    def spy(kernel, grid, *a, **kw):
-        name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
-        seen.setdefault(name, set()).add(kw.get("BT"))
-        return orig(kernel, grid, *a, **kw)
-
-    monkeypatch.setattr(launch, "_call", spy)
+    seen = _spy_launches(monkeypatch, "BT")
     cu = torch.tensor([0, 100, 100, 300, 301, 330], dtype=torch.int32)
     _check(1, 330, 2, 32, 16, torch.float32, "weak", True, True, cu=cu, config=cfg.replace(seg_chunks=2))
     _check(2, 200, 1, 16, 32, torch.float32, "strong", True, True, config=cfg.replace(seg_chunks=2))
@@ -521,16 +529,8 @@ def test_out_of_shared_memory_relaunches_with_one_stage(monkeypatch):
 
 def _tma_used(monkeypatch, cfg, *args):
     """Run fwd + bwd under cfg and return ({kernel name: TMA flags seen}, outputs + gradients)."""
-    seen = {}
     orig = launch._call
-
-    def spy(kernel, grid, *a, **kw):
-        if "TMA" in kw:
-            name = getattr(getattr(kernel, "fn", kernel), "__name__", "?")
-            seen.setdefault(name, set()).add(kw["TMA"])
-        return orig(kernel, grid, *a, **kw)
-
-    monkeypatch.setattr(launch, "_call", spy)
+    seen = _spy_launches(monkeypatch, "TMA")
     q, k, v, s, do, cu = args
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     o, _ = chunk.chunk_lightning_attn(*leaves, s, q.shape[-1] ** -0.5, cu_seqlens=cu, config=cfg)

@@ -316,7 +316,8 @@ def lightning_attn_bwd(q, k, v, do, dht, slopes, scale, h0_given, hbuf, plan, cf
             q, k, v, do, dq, dk, hbuf, gbuf, dgq, dgk, slopes, *_seg_args(plan, dev),
             float(scale), plan.T, H, D, E, plan.NS, plan.SEG_T, ntok, plan.N,
             BT=_bt(cfg, "dqdk", D, E, plan.SEG_T), BD=BDq, BE=BE, IS_VARLEN=plan.is_varlen, STATE=state_mode,
-            PREC=prec, UP=_up(q), COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, TMA=tma_dq, fast_launch=cfg.fast_launch,
+            PREC=prec, UP=_up(q), COMPUTE_DG=compute_dg, DO_DK=not fuse, STORE_G=g_in_dq, TMA=tma_dq,
+            fast_launch=cfg.fast_launch,
             **_launch(cfg, "dqdk", D, E, tma_dq),
         )
 
@@ -386,7 +387,8 @@ def _lb_walk(a, b, c, out, slopes, plan, cfg: LaunchConfig, kind, reverse, init,
         sbuf if sbuf is not None else d, plan.segoff if (plan.is_varlen and sbuf is not None) else d,
         float(alpha), float(gamma), float(beta), plan.T, H, DA, DC, plan.N, NP, pf_t, a.shape[0] * a.shape[1],
         BT=_bt(cfg, kind, DA, DC, pf_t), BK=BK, BC=BC, REVERSE=reverse, TRANS_INIT=trans_init,
-        HAS_INIT=init is not None, STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None, IS_VARLEN=plan.is_varlen,
+        HAS_INIT=init is not None, STORE_FIN=fin is not None, STORE_SBUF=sbuf is not None, COMPUTE_DG=g is not None,
+        IS_VARLEN=plan.is_varlen,
         STATE=_state_mode(cfg, a.dtype), PREC=_prec(cfg, a.dtype), UP=_up(a),
         TMA=tma, fast_launch=cfg.fast_launch, **_launch(cfg, kind, DA, DC, tma),
     )

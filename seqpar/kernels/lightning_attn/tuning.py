@@ -45,21 +45,20 @@ def _check_bool(owner: str, name: str, val, optional: bool = False) -> None:
         raise ValueError(f"{owner}.{name} must be True or False{' or None' if optional else ''}, got {val!r}")
 
 
+def _check_block(owner: str, name: str, val, optional: bool) -> None:
+    """A tile size: a power of two in [16, 256] (None allowed when optional)."""
+    if val is None and optional:
+        return
+    if type(val) is not int or val < 16 or val > 256 or val & (val - 1):
+        raise ValueError(f"{owner}.{name} must be a power of two in [16, 256], got {val!r}")
+
+
 def _check_launch_values(owner: str, blk, num_warps, num_stages, maxnreg, optional: bool) -> None:
-    if not (blk is None and optional):
-        if type(blk) is not int or blk < 16 or blk > 256 or blk & (blk - 1):
-            raise ValueError(f"{owner}.BLK must be a power of two in [16, 256], got {blk!r}")
+    _check_block(owner, "BLK", blk, optional)
     if not (num_warps is None and optional) and (type(num_warps) is not int or num_warps not in _WARPS):
         raise ValueError(f"{owner}.num_warps must be one of {_WARPS}, got {num_warps!r}")
     _check_int(owner, "num_stages", num_stages, optional=True)
     _check_int(owner, "maxnreg", maxnreg, lo=16, optional=True)
-
-
-def _check_bt(owner: str, bt, optional: bool) -> None:
-    if bt is None and optional:
-        return
-    if type(bt) is not int or bt < 16 or bt > 256 or bt & (bt - 1):
-        raise ValueError(f"{owner}.BT must be a power of two in [16, 256], got {bt!r}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class KernelLaunch:
         _check_launch_values("KernelLaunch", self.BLK, self.num_warps, self.num_stages, self.maxnreg, False)
         _check_bool("KernelLaunch", "tma", self.tma)
         _check_int("KernelLaunch", "tma_stages", self.tma_stages, optional=True)
-        _check_bt("KernelLaunch", self.BT, False)
+        _check_block("KernelLaunch", "BT", self.BT, False)
 
     def options(self, tma: bool = False) -> dict:
         """The launch options passed to ``kernel[grid](...)``: num_warps and the values that are set;
@@ -117,7 +116,7 @@ class KernelOverride:
         _check_launch_values("KernelOverride", self.BLK, self.num_warps, self.num_stages, self.maxnreg, True)
         _check_bool("KernelOverride", "tma", self.tma, optional=True)
         _check_int("KernelOverride", "tma_stages", self.tma_stages, optional=True)
-        _check_bt("KernelOverride", self.BT, True)
+        _check_block("KernelOverride", "BT", self.BT, True)
 
     def apply(self, base: KernelLaunch) -> KernelLaunch:
         changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
