@@ -22,6 +22,9 @@ def test_default_values_and_immutability():
     assert DEFAULT.tma == "auto" and DEFAULT.dv.tma and not DEFAULT.dqdk.tma
     assert DEFAULT.dv_fused.options(tma=True)["num_stages"] == 3 and DEFAULT.dv_fused.options()["num_stages"] == 2
     assert DEFAULT.seg_long == SegLong(waves=2, seg_max=64)
+    # every walk steps by the plan's chunk unless a config says otherwise (tuning cannot import plan)
+    from seqpar.kernels.lightning_attn.plan import CHUNK
+    assert all(DEFAULT.kernel(kind, small).BT == CHUNK for kind in tuning.KINDS for small in (False, True))
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULT.lookback = False
     with pytest.raises(dataclasses.FrozenInstanceError):
